@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks against transformers and the machine's ceilings."""

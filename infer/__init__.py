@@ -1,0 +1,1 @@
+"""Generation, scoring, sweeps and evaluation (peer of ``train``; never imports it)."""

@@ -1,0 +1,3 @@
+from meditron_jax.cli import entry
+
+entry()

@@ -1,0 +1,89 @@
+"""The ``meditron-jax`` command: one subcommand per job, each defined next to its code.
+
+Each entry names the module that defines ``add_arguments(parser)`` and ``run(args)``;
+modules are imported only when their subcommand runs, so ``--help`` is fast and a
+user's bad input is reported before JAX starts. This file sits above the layers
+(like ``__main__``), so it may reach ``train`` and ``infer``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from meditron_jax.errors import UserError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "convert": ("meditron_jax.convert_cli", "convert a Hugging Face snapshot to a native checkpoint"),
+    "export": ("meditron_jax.export_cli", "export a native checkpoint to a Hugging Face directory"),
+    "generate": ("infer.generate_cli", "generate text (one prompt, streamed, or a resumable JSONL sweep)"),
+    "score": ("infer.score_cli", "log-likelihood of continuations (multiple-choice scoring)"),
+    "eval": ("infer.eval_cli", "few-shot medical multiple-choice evaluation (MedQA, MedMCQA, PubMedQA, MMLU)"),
+    "train": ("train.cli", "continued pretraining / fine-tuning from a YAML run config"),
+    "plan": ("meditron_jax.plan_cli", "ahead-of-time memory and FLOPs plan for a mesh and target (no weights)"),
+    "bench": ("bench.cli", "benchmark against transformers and the machine's ceilings"),
+    "demo": ("meditron_jax.demo", "the whole mission end to end on a tiny model (make demo)"),
+}
+
+
+def build_parser(load_all: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="meditron-jax",
+        description="Llama-3.1 / Meditron3-8B in JAX: convert, train, generate, score, evaluate, plan.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        if load_all:
+            try:
+                importlib.import_module(module).add_arguments(p)
+            except ModuleNotFoundError:
+                p.set_defaults(_missing=module)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(load_all=False)
+    known = set(COMMANDS)
+    first = next((a for a in argv if not a.startswith("-")), None)
+    if first is None:
+        if any(a in ("-h", "--help") for a in argv):
+            parser.print_help()
+            return 0
+        parser.print_usage(sys.stderr)
+        print("meditron-jax: error: give a command; see meditron-jax --help", file=sys.stderr)
+        return 2
+    if first not in known:
+        print(f"meditron-jax: error: unknown command {first!r}; choose one of "
+              f"{', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    # Load just the chosen subcommand's options.
+    module = importlib.import_module(COMMANDS[first][0])
+    sub_parser = argparse.ArgumentParser(
+        prog=f"meditron-jax {first}", description=COMMANDS[first][1],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    module.add_arguments(sub_parser)
+    rest = argv[argv.index(first) + 1:]
+    args = sub_parser.parse_args(rest)
+    try:
+        result = module.run(args)
+    except UserError as exc:
+        print(f"meditron-jax {first}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"meditron-jax {first}: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,103 @@
+"""The pieces of a Llama block as pure functions.
+
+Einsum letters: B batch, T query positions, S key positions, D embed, N query heads,
+K kv heads, G query heads per kv head, H head_dim, F mlp, V vocab.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from meditron_jax.config import LlamaConfig
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm computed in float32, returned in x's dtype (as HF does)."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return normed.astype(x.dtype) * weight.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
+    """Inverse frequencies with the config's scaling, in float32 like transformers."""
+    dim = cfg.head_dim
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    inv_freq = (np.float32(1.0) / (np.float32(cfg.rope_theta) ** exponents)).astype(np.float32)
+    rs = cfg.rope_scaling
+    if rs.rope_type == "linear":
+        return (inv_freq / np.float32(rs.factor)).astype(np.float32)
+    if rs.rope_type == "llama3":
+        old_ctx = rs.original_max_position_embeddings
+        low_wavelen = old_ctx / rs.low_freq_factor
+        high_wavelen = old_ctx / rs.high_freq_factor
+        wavelen = (2 * math.pi / inv_freq).astype(np.float32)
+        scaled = np.where(wavelen > low_wavelen, inv_freq / rs.factor, inv_freq)
+        smooth = (old_ctx / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv_freq
+
+
+def rope_tables(positions: jax.Array, cfg: LlamaConfig) -> tuple[jax.Array, jax.Array]:
+    """cos/sin of shape [B, T, head_dim] (rotate-half layout), float32."""
+    inv_freq = jnp.asarray(rope_inv_freq(cfg))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B,T,H/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate-half RoPE on x [B, T, heads, H]; cos/sin [B, T, H]."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos = cos[:, :, None, :].astype(x.dtype)
+    sin = sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+def attention_mask(q_segments: jax.Array, q_slots: jax.Array,
+                   kv_segments: jax.Array) -> jax.Array:
+    """Boolean [B, 1, T, S]: same segment and key slot not after the query slot.
+
+    Causality is by slot index, not by position, so left padding and packing need no
+    special cases: pad tokens carry segment 0 and real tokens never see them.
+    """
+    kv_slots = jnp.arange(kv_segments.shape[1], dtype=jnp.int32)
+    causal = kv_slots[None, None, :] <= q_slots[:, :, None]
+    same = q_segments[:, :, None] == kv_segments[:, None, :]
+    return (causal & same)[:, None, :, :]
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+              impl: str | None = None) -> jax.Array:
+    """Grouped-query attention, softmax in float32.
+
+    q [B,T,N,H], k/v [B,S,K,H], mask [B,1,T,S] -> [B,T,N,H]. ``impl`` is passed to
+    ``jax.nn.dot_product_attention`` (None lets JAX pick; "cudnn" on GPU).
+    """
+    if impl == "einsum":
+        return _einsum_attention(q, k, v, mask)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+
+
+def _einsum_attention(q, k, v, mask):
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32)
+    logits = logits / np.float32(math.sqrt(h))
+    big_neg = jnp.finfo(jnp.float32).min * 0.7
+    logits = jnp.where(mask[:, :, None, :, :], logits, big_neg)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+    return out.reshape(b, t, n, h)
+
+
+def swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
+    g = jnp.einsum("BTD,DF->BTF", x, gate)
+    u = jnp.einsum("BTD,DF->BTF", x, up)
+    return jnp.einsum("BTF,FD->BTD", jax.nn.silu(g) * u, down)

@@ -1,0 +1,234 @@
+"""The Llama decoder: parameters declared once, and one pure forward function.
+
+Each weight is declared by :func:`param_specs` with its shape, logical axis names and
+initializer. Initialization, abstract shapes, shardings (``sharding/``), checkpoint
+restore targets and the HF key map all derive from that one table.
+
+:func:`forward` serves training, prefill and decode; it differs only in whether a
+:class:`KVCache` is passed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from meditron_jax.config import LlamaConfig
+from meditron_jax.errors import UserError
+from meditron_jax.kvcache import KVCache
+from meditron_jax.layers import apply_rope, attention, attention_mask, rms_norm, rope_tables, swiglu
+
+Params = dict
+Constrain = Callable[[jax.Array, tuple], jax.Array]
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]  # logical axis names, one per dim
+    init: str = "normal"    # "normal" (std = initializer_range) or "ones"
+
+
+def param_specs(cfg: LlamaConfig) -> dict:
+    """The one declaration of every parameter (a nested dict mirroring the params)."""
+    d, f, v, n = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers
+    h, heads, kv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    specs = {
+        "embed": ParamSpec((v, d), ("vocab", "embed")),
+        "layers": {
+            "attn_norm": ParamSpec((n, d), ("layers", "embed"), "ones"),
+            "q": ParamSpec((n, d, heads, h), ("layers", "embed", "heads", "head_dim")),
+            "k": ParamSpec((n, d, kv, h), ("layers", "embed", "kv_heads", "head_dim")),
+            "v": ParamSpec((n, d, kv, h), ("layers", "embed", "kv_heads", "head_dim")),
+            "o": ParamSpec((n, heads, h, d), ("layers", "heads", "head_dim", "embed")),
+            "mlp_norm": ParamSpec((n, d), ("layers", "embed"), "ones"),
+            "gate": ParamSpec((n, d, f), ("layers", "embed", "mlp")),
+            "up": ParamSpec((n, d, f), ("layers", "embed", "mlp")),
+            "down": ParamSpec((n, f, d), ("layers", "mlp", "embed")),
+        },
+        "final_norm": ParamSpec((d,), ("embed",), "ones"),
+    }
+    if not cfg.tie_word_embeddings:
+        specs["lm_head"] = ParamSpec((d, v), ("embed", "vocab"))
+    return specs
+
+
+def is_spec(x) -> bool:
+    return isinstance(x, ParamSpec)
+
+
+def logical_axes(cfg: LlamaConfig) -> dict:
+    """The params tree with each leaf replaced by its tuple of logical axis names."""
+    return jax.tree.map(lambda s: s.axes, param_specs(cfg), is_leaf=is_spec)
+
+
+def _path_key(key: jax.Array, path) -> jax.Array:
+    name = "/".join(str(getattr(p, "key", p)) for p in path)
+    salt = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
+    return jax.random.fold_in(key, salt)
+
+
+def init_params(cfg: LlamaConfig, key: jax.Array, dtype=jnp.float32,
+                std: float = 0.02) -> Params:
+    """Random parameters. Each weight's key derives from its path, so the values do
+    not depend on how (or whether) the init is sharded."""
+    def make(path, spec: ParamSpec):
+        if spec.init == "ones":
+            return jnp.ones(spec.shape, dtype)
+        return (std * jax.random.normal(_path_key(key, path), spec.shape, jnp.float32)).astype(dtype)
+    return jax.tree_util.tree_map_with_path(make, param_specs(cfg), is_leaf=is_spec)
+
+
+def abstract_params(cfg: LlamaConfig, dtype=jnp.float32) -> Params:
+    """ShapeDtypeStructs of every parameter; allocates nothing."""
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), dtype))
+
+
+def count_params(params) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+def _remat(fn, policy: str):
+    if policy == "none":
+        return fn
+    policies = {
+        "full": None,
+        "dots": jax.checkpoint_policies.checkpoint_dots,
+        "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        "save_qkv_proj": jax.checkpoint_policies.save_only_these_names("qkv_proj"),
+    }
+    if policy not in policies:
+        raise UserError(f"unknown remat policy {policy!r}; choose one of {', '.join(REMAT_POLICIES)}")
+    return jax.checkpoint(fn, policy=policies[policy], prevent_cse=False)
+
+
+def _no_constraint(x, axes):
+    return x
+
+
+def check_token_ids(tokens, cfg: LlamaConfig) -> None:
+    """Host-side check of concrete token ids (jnp.take would silently clamp them)."""
+    if isinstance(tokens, jax.core.Tracer):
+        return
+    import numpy as np
+    arr = np.asarray(tokens)
+    if arr.size and (arr.min() < 0 or arr.max() >= cfg.vocab_size):
+        bad = int(arr.min()) if arr.min() < 0 else int(arr.max())
+        raise UserError(f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size}); "
+                        "check the tokenizer matches the model")
+
+
+def forward(params: Params, tokens: jax.Array, cfg: LlamaConfig, *,
+            positions: jax.Array | None = None,
+            segment_ids: jax.Array | None = None,
+            cache: KVCache | None = None,
+            dtype=jnp.float32,
+            remat: str = "none",
+            attention_impl: str | None = None,
+            constrain: Constrain | None = None,
+            return_hidden: bool = False):
+    """Run the decoder.
+
+    tokens [B, T] int. positions [B, T] (default: slot index, i.e. 0..T-1 after what the
+    cache holds). segment_ids [B, T] (default all 1; 0 = padding; tokens attend only
+    within their segment). With ``cache``, the new keys/values are written at slots
+    ``cache.index ...`` and the updated cache is returned.
+
+    Returns ``(logits [B, T, V] float32, cache or None)``; with ``return_hidden`` the
+    final normed hidden states [B, T, D] (compute dtype) instead of logits.
+    """
+    constrain = constrain or _no_constraint
+    b, t = tokens.shape
+    limit = cache.max_len if cache is not None else t
+    if limit > cfg.max_position_embeddings:
+        raise UserError(f"sequence length {limit} exceeds max_position_embeddings "
+                        f"({cfg.max_position_embeddings}); shorten the input")
+    check_token_ids(tokens, cfg)
+    start = cache.index if cache is not None else jnp.zeros((), jnp.int32)
+    q_slots = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+    if positions is None:
+        positions = q_slots
+    if segment_ids is None:
+        segment_ids = jnp.ones((b, t), jnp.int32)
+    segment_ids = segment_ids.astype(jnp.int32)
+
+    if cache is not None:
+        kv_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, start))
+    else:
+        kv_segments = segment_ids
+    mask = attention_mask(segment_ids, q_slots, kv_segments)
+    cos, sin = rope_tables(positions, cfg)
+
+    x = jnp.take(params["embed"], tokens, axis=0).astype(dtype)
+    x = constrain(x, ("batch", "seq", None))
+    eps = cfg.rms_norm_eps
+
+    def block(carry, layer):
+        x, k_cache, v_cache = carry
+        lp, i = layer
+        w = jax.tree.map(lambda a: a.astype(dtype), lp)
+        x = constrain(x, ("batch", "seq", None))
+        h = rms_norm(x, w["attn_norm"], eps)
+        q = jnp.einsum("BTD,DNH->BTNH", h, w["q"])
+        k = jnp.einsum("BTD,DKH->BTKH", h, w["k"])
+        v = jnp.einsum("BTD,DKH->BTKH", h, w["v"])
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        if k_cache is not None:
+            k_cache = jax.lax.dynamic_update_slice(
+                k_cache, k[None].astype(k_cache.dtype), (i, 0, start, 0, 0))
+            v_cache = jax.lax.dynamic_update_slice(
+                v_cache, v[None].astype(v_cache.dtype), (i, 0, start, 0, 0))
+            k = jax.lax.dynamic_index_in_dim(k_cache, i, 0, keepdims=False).astype(dtype)
+            v = jax.lax.dynamic_index_in_dim(v_cache, i, 0, keepdims=False).astype(dtype)
+        attn = attention(q, k, v, mask, attention_impl)
+        x = x + jnp.einsum("BTNH,NHD->BTD", attn, w["o"])
+        h = rms_norm(x, w["mlp_norm"], eps)
+        x = x + swiglu(h, w["gate"], w["up"], w["down"])
+        return (x, k_cache, v_cache), None
+
+    block = _remat(block, remat)
+    layer_ids = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
+    init = (x, cache.k if cache is not None else None, cache.v if cache is not None else None)
+    (x, k_cache, v_cache), _ = jax.lax.scan(block, init, (params["layers"], layer_ids))
+
+    x = constrain(x, ("batch", "seq", None))
+    x = rms_norm(x, params["final_norm"].astype(dtype), eps)
+    new_cache = None
+    if cache is not None:
+        new_cache = KVCache(k=k_cache, v=v_cache, segment_ids=kv_segments, index=start + t)
+    if return_hidden:
+        return x, new_cache
+    return logits_from_hidden(params, x, cfg, constrain), new_cache
+
+
+def logits_from_hidden(params: Params, x: jax.Array, cfg: LlamaConfig,
+                       constrain: Constrain | None = None) -> jax.Array:
+    head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    logits = jnp.einsum("BTD,DV->BTV", x, head.astype(x.dtype),
+                        preferred_element_type=jnp.float32)
+    return (constrain or _no_constraint)(logits, ("batch", "seq", "vocab"))
+
+
+def token_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """log p(target) per position, float32: logits [B,T,V], targets [B,T] -> [B,T]."""
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return picked - lse
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array,
+                  weights: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Mean next-token loss over positions with weight > 0; returns (loss, token count)."""
+    nll = -token_log_probs(logits, targets)
+    if weights is None:
+        weights = jnp.ones_like(nll)
+    weights = weights.astype(jnp.float32)
+    count = jnp.sum(weights)
+    return jnp.sum(nll * weights) / jnp.maximum(count, 1.0), count

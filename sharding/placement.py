@@ -1,0 +1,85 @@
+"""Shardings for params, optimizer state, batches and the KV cache; sharded init.
+
+Everything is derived from the model's logical axes and a rule table, abstractly
+(``jax.eval_shape``), so nothing full-size is ever materialized on one device.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from meditron_jax.config import LlamaConfig
+from meditron_jax.kvcache import KVCache
+from meditron_jax.model import init_params, logical_axes
+from sharding.rules import Rules, check_model_fits
+
+
+def _is_axes(x) -> bool:
+    return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
+
+
+def tree_shardings(axes_tree, mesh: Mesh, rules: Rules):
+    """Map a tree of logical-axes tuples to a tree of NamedShardings."""
+    return jax.tree.map(lambda axes: rules.sharding(mesh, axes), axes_tree, is_leaf=_is_axes)
+
+
+def param_shardings(cfg: LlamaConfig, mesh: Mesh, rules: Rules):
+    check_model_fits(cfg, mesh, rules)
+    return tree_shardings(logical_axes(cfg), mesh, rules)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def init_sharded(cfg: LlamaConfig, key: jax.Array, mesh: Mesh, rules: Rules,
+                 dtype=jnp.float32, std: float = 0.02):
+    """Random params created directly in their shardings (abstract first, then jit with
+    out_shardings: each device computes only its own shard)."""
+    shardings = param_shardings(cfg, mesh, rules)
+    init = jax.jit(lambda k: init_params(cfg, k, dtype, std), out_shardings=shardings)
+    return init(key)
+
+
+def place(tree, shardings):
+    """Put host/device arrays into the given shardings."""
+    return jax.tree.map(lambda x, s: jax.device_put(x, s), tree, shardings)
+
+
+def derived_shardings(abstract_tree, params_abstract, params_shardings, mesh: Mesh):
+    """Shardings for a tree that embeds copies of the params tree (optimizer state:
+    Adam's mu and nu). A leaf whose key path ends with a parameter's path and has that
+    parameter's shape gets the parameter's sharding; every other leaf (step counters,
+    scalars) is replicated."""
+    shapes = jax.tree_util.tree_flatten_with_path(params_abstract)[0]
+    shardings = jax.tree.leaves(params_shardings)
+    by_path = {_keys(path): (tuple(leaf.shape), sh) for (path, leaf), sh in zip(shapes, shardings)}
+
+    def pick(path, leaf):
+        keys = _keys(path)
+        for start in range(len(keys)):
+            hit = by_path.get(keys[start:])
+            if hit is not None and tuple(getattr(leaf, "shape", ())) == hit[0]:
+                return hit[1]
+        return replicated(mesh)
+    return jax.tree_util.tree_map_with_path(pick, abstract_tree)
+
+
+def _keys(path) -> tuple:
+    out = []
+    for p in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(p, attr):
+                out.append(getattr(p, attr))
+                break
+    return tuple(str(k) for k in out)
+
+
+def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
+    """[batch, seq, ...] arrays: batch over the data axes."""
+    return rules.sharding(mesh, ("batch",) + ("seq",) + (None,) * (ndim - 2))
+
+
+def cache_shardings(mesh: Mesh, rules: Rules):
+    return tree_shardings(KVCache.logical_axes(), mesh, rules)

@@ -1,0 +1,153 @@
+"""Logical axis name -> mesh axes: one small typed table per use, and its checks.
+
+The model names every dimension logically (``embed``, ``heads``, ...); these tables
+say where each name lives on the ``(data, fsdp, tensor)`` mesh. There is no catch-all:
+a name without a rule is an error, so a new parameter cannot be silently replicated.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Mapping
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from meditron_jax.errors import UserError
+
+MeshAxes = tuple[str, ...]
+
+# Every logical name the model, the KV cache and the batches use.
+LOGICAL_NAMES = ("batch", "seq", "embed", "vocab", "heads", "kv_heads", "head_dim",
+                 "mlp", "layers")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rules:
+    name: str
+    table: Mapping[str, MeshAxes]
+
+    def __post_init__(self):
+        missing = [n for n in LOGICAL_NAMES if n not in self.table]
+        extra = [n for n in self.table if n not in LOGICAL_NAMES]
+        if missing or extra:
+            raise ValueError(f"rules {self.name!r}: missing {missing}, unknown {extra}")
+
+    def mesh_axes(self, logical: str | None) -> MeshAxes:
+        if logical is None:
+            return ()
+        try:
+            return self.table[logical]
+        except KeyError:
+            raise UserError(f"rules {self.name!r}: no rule for logical axis {logical!r}") from None
+
+    def spec(self, axes: tuple, mesh: Mesh | None = None) -> P:
+        """PartitionSpec for one array; mesh axes of size 1 are dropped. Raises if two
+        dimensions of the array would land on the same mesh axis."""
+        sizes = dict(zip(mesh.axis_names, mesh.devices.shape)) if mesh is not None else None
+        used: dict[str, str] = {}
+        parts = []
+        for logical in axes:
+            mapped = tuple(a for a in self.mesh_axes(logical)
+                           if sizes is None or sizes.get(a, 1) > 1)
+            for a in mapped:
+                if a in used:
+                    raise UserError(
+                        f"rules {self.name!r}: logical axes {used[a]!r} and {logical!r} of one "
+                        f"array {tuple(axes)} both map to mesh axis {a!r}; change one rule")
+                used[a] = logical
+            parts.append(None if not mapped else mapped[0] if len(mapped) == 1 else mapped)
+        while parts and parts[-1] is None:
+            parts.pop()
+        return P(*parts)
+
+    def sharding(self, mesh: Mesh, axes: tuple) -> NamedSharding:
+        return NamedSharding(mesh, self.spec(axes, mesh))
+
+
+# Training: weights fully sharded over `fsdp` (ZeRO-3 style, gathered per layer inside
+# the scan), Megatron tensor parallelism over `tensor`, the batch over data x fsdp.
+TRAIN_RULES = Rules("train", {
+    "batch": ("data", "fsdp"),
+    "seq": (),
+    "embed": ("fsdp",),
+    "vocab": ("tensor",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "head_dim": (),
+    "mlp": ("tensor",),
+    "layers": (),
+})
+
+# Inference: tensor parallelism over `tensor`, independent replicas over `data`; an
+# `fsdp` axis, if given, shards the weights' embed dim (for models too big otherwise).
+INFER_RULES = Rules("infer", {
+    "batch": ("data",),
+    "seq": (),
+    "embed": ("fsdp",),
+    "vocab": ("tensor",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "head_dim": (),
+    "mlp": ("tensor",),
+    "layers": (),
+})
+
+PRESETS = {"train": TRAIN_RULES, "infer": INFER_RULES}
+
+
+def axis_size(mesh: Mesh, mesh_axes: MeshAxes) -> int:
+    sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
+    return math.prod(sizes.get(a, 1) for a in mesh_axes)
+
+
+def check_divisible(shape: tuple[int, ...], axes: tuple, rules: Rules, mesh: Mesh,
+                    what: str) -> None:
+    """Every sharded dimension must divide by its mesh axes' product."""
+    for size, logical in zip(shape, axes):
+        if logical is None:
+            continue
+        mesh_axes = rules.mesh_axes(logical)
+        n = axis_size(mesh, mesh_axes)
+        if n > 1 and size % n:
+            raise UserError(
+                f"{what}: {logical} size {size} is not divisible by mesh axes "
+                f"{'x'.join(mesh_axes)} = {n}; pick a mesh whose {'x'.join(mesh_axes)} "
+                f"divides {size}")
+
+
+def check_model_fits(cfg, mesh: Mesh, rules: Rules) -> None:
+    """Divisibility of every parameter (kv_heads vs tensor first: the usual mistake)."""
+    from meditron_jax.model import param_specs, is_spec
+    n_tensor = axis_size(mesh, rules.mesh_axes("kv_heads"))
+    if n_tensor > 1 and cfg.num_key_value_heads % n_tensor:
+        raise UserError(
+            f"mesh {_describe(mesh)}: the model's {cfg.num_key_value_heads} kv heads are not "
+            f"divisible by tensor={n_tensor}; use tensor in "
+            f"{[d for d in range(1, cfg.num_key_value_heads + 1) if cfg.num_key_value_heads % d == 0]}")
+    specs = jax.tree_util.tree_flatten_with_path(param_specs(cfg), is_leaf=is_spec)[0]
+    for path, spec in specs:
+        name = "/".join(str(getattr(p, "key", p)) for p in path)
+        check_divisible(spec.shape, spec.axes, rules, mesh, f"parameter {name}")
+        rules.spec(spec.axes, mesh)  # collision check
+
+
+def check_batch(batch_size: int, mesh: Mesh, rules: Rules) -> None:
+    mesh_axes = rules.mesh_axes("batch")
+    n = axis_size(mesh, mesh_axes)
+    if batch_size % n:
+        raise UserError(
+            f"batch size {batch_size} is not divisible by the data axes "
+            f"{'x'.join(mesh_axes)} = {n} of mesh {_describe(mesh)}; use a batch that is a "
+            f"multiple of {n}")
+
+
+def _describe(mesh: Mesh) -> str:
+    return ",".join(f"{k}={v}" for k, v in zip(mesh.axis_names, mesh.devices.shape))
+
+
+def activation_constrainer(mesh: Mesh, rules: Rules):
+    """The ``constrain`` hook the model calls at layer boundaries."""
+    def constrain(x, axes):
+        return jax.lax.with_sharding_constraint(x, rules.sharding(mesh, axes))
+    return constrain

@@ -1,0 +1,61 @@
+"""Random tiny transformers models for parity tests.
+
+Weights use std 0.25 (not transformers' 0.02): at 0.02 the attention logits are so
+small that a wrong RoPE scaling, eps or theta hardly moves the output and a parity
+test would pass on a wrong model (tests/test_parity.py shows the wrong variants fail).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                  "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+
+TINY_HF = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+               rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=LLAMA3_SCALING,
+               tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+
+
+def make_hf_model(std: float = 0.25, seed: int = 0, **overrides):
+    """A float32 ``LlamaForCausalLM`` with N(0, std) weights (norm weights around 1)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kwargs = dict(TINY_HF)
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    hf_cfg = LlamaConfig(**kwargs)
+    model = LlamaForCausalLM(hf_cfg).eval().to(torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(std * torch.randn_like(p))
+    return model
+
+
+def make_hf_snapshot(path, max_shard_size: str | None = None, **overrides) -> str:
+    model = make_hf_model(**overrides)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(os.fspath(path), safe_serialization=True, **kwargs)
+    return os.fspath(path)
+
+
+def state_dict_numpy(model) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+
+
+def torch_logits(model, tokens, attention_mask=None, position_ids=None) -> np.ndarray:
+    import torch
+    with torch.no_grad():
+        kwargs = {}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = torch.as_tensor(np.asarray(attention_mask))
+        if position_ids is not None:
+            kwargs["position_ids"] = torch.as_tensor(np.asarray(position_ids))
+        out = model(torch.as_tensor(np.asarray(tokens)), **kwargs)
+    return out.logits.float().numpy()

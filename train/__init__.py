@@ -1,0 +1,1 @@
+"""Continued pretraining and fine-tuning (peer of ``infer``; never imports it)."""
