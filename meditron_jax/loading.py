@@ -1,0 +1,94 @@
+"""Load a model from a directory: a Hugging Face snapshot or a native checkpoint.
+
+``load_model`` is the one entry point the commands use. It tells the two kinds of
+directory apart by their files and returns the config, the parameters (placed in the
+requested shardings), the tokenizer when present, and the generation config.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Callable
+
+import jax
+import numpy as np
+
+from meditron_jax.config import LlamaConfig
+from meditron_jax.errors import UserError
+from meditron_jax.tokenizer import Tokenizer
+
+ShardingsFn = Callable[[LlamaConfig], object]
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    cfg: LlamaConfig
+    params: dict
+    tokenizer: Tokenizer | None
+    generation_config: dict
+    path: str
+    kind: str  # "hf" or "native"
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """Stop ids: the generation config's eos (when present), else the config's."""
+        eos = self.generation_config.get("eos_token_id")
+        if eos is None:
+            return tuple(self.cfg.eos_token_id)
+        return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+
+
+def directory_kind(path: str) -> str:
+    """'hf' or 'native', from the files present; a one-line error otherwise."""
+    if not os.path.exists(path):
+        raise UserError(f"{path}: no such directory; give a Hugging Face snapshot or a "
+                        "native checkpoint directory")
+    if not os.path.isdir(path):
+        raise UserError(f"{path}: not a directory; --model takes a checkpoint directory")
+    if os.path.exists(os.path.join(path, "meditron_config.json")):
+        return "native"
+    if os.path.exists(os.path.join(path, "config.json")):
+        return "hf"
+    raise UserError(f"{path}: neither a Hugging Face snapshot (config.json + *.safetensors) "
+                    "nor a native checkpoint (meditron_config.json)")
+
+
+def read_generation_config(path: str) -> dict:
+    file = os.path.join(path, "generation_config.json")
+    if not os.path.exists(file):
+        return {}
+    try:
+        with open(file, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{file}: malformed JSON (line {exc.lineno}: {exc.msg})") from None
+
+
+def load_tokenizer(path: str) -> Tokenizer | None:
+    try:
+        return Tokenizer.from_dir(path)
+    except UserError:
+        if any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model")):
+            raise
+        return None
+
+
+def load_model(path: str | os.PathLike, *, shardings: ShardingsFn | None = None,
+               dtype=None) -> LoadedModel:
+    """Load config, params, tokenizer and generation config from ``path``.
+
+    ``shardings(cfg)`` returns the target sharding tree for the params (from
+    ``sharding.param_shardings``); without it the params land on the default device.
+    ``dtype`` casts the weights (default: as stored).
+    """
+    path = os.fspath(path)
+    kind = directory_kind(path)
+    if kind == "native":
+        from meditron_jax import checkpoint
+        cfg, params = checkpoint.restore_params(path, shardings=shardings, dtype=dtype)
+    else:
+        from meditron_jax import hf_io
+        cfg, params = hf_io.load_hf_params(path, shardings=shardings, dtype=dtype)
+    return LoadedModel(cfg=cfg, params=params, tokenizer=load_tokenizer(path),
+                       generation_config=read_generation_config(path), path=path, kind=kind)
