@@ -1,6 +1,6 @@
 """Random tiny transformers models for parity tests.
 
-Weights use std 0.25 (not transformers' 0.02): at 0.02 the attention logits are so
+Weights use std 0.25 (not transformers' 0.02; embeddings 0.02, as in real checkpoints): at 0.02 the attention logits are so
 small that a wrong RoPE scaling, eps or theta hardly moves the output and a parity
 test would pass on a wrong model (tests/test_parity.py shows the wrong variants fail).
 """
@@ -33,6 +33,10 @@ def make_hf_model(std: float = 0.25, seed: int = 0, **overrides):
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif "embed_tokens" in name:
+                # Real Llama-3 embeddings are small (std ~0.01): the first RMSNorm then
+                # sees mean(x^2) ~ 1e-4, where eps = 1e-5 vs 1e-6 matters.
+                p.copy_(0.02 * torch.randn_like(p))
             else:
                 p.copy_(std * torch.randn_like(p))
     return model
