@@ -20,6 +20,7 @@ from meditron_jax.config import LlamaConfig
 from meditron_jax.errors import UserError
 from meditron_jax.kvcache import KVCache
 from meditron_jax.layers import apply_rope, attention, attention_mask, rms_norm, rope_tables, swiglu
+from meditron_jax.lora import merge_layer
 
 Params = dict
 Constrain = Callable[[jax.Array, tuple], jax.Array]
@@ -131,7 +132,8 @@ def forward(params: Params, tokens: jax.Array, cfg: LlamaConfig, *,
             remat: str = "none",
             attention_impl: str | None = None,
             constrain: Constrain | None = None,
-            return_hidden: bool = False):
+            return_hidden: bool = False,
+            lora: tuple[dict, float] | None = None):
     """Run the decoder.
 
     tokens [B, T] int. positions [B, T] (default: slot index, i.e. 0..T-1 after what the
@@ -141,6 +143,8 @@ def forward(params: Params, tokens: jax.Array, cfg: LlamaConfig, *,
 
     Returns ``(logits [B, T, V] float32, cache or None)``; with ``return_hidden`` the
     final normed hidden states [B, T, D] (compute dtype) instead of logits.
+    ``lora = (adapters, scale)`` merges LoRA adapters into each layer's weights
+    (:mod:`meditron_jax.lora`).
     """
     constrain = constrain or _no_constraint
     b, t = tokens.shape
@@ -170,7 +174,9 @@ def forward(params: Params, tokens: jax.Array, cfg: LlamaConfig, *,
 
     def block(carry, layer):
         x, k_cache, v_cache = carry
-        lp, i = layer
+        lp, adapters, i = layer
+        if adapters is not None:
+            lp = merge_layer(lp, adapters, lora[1])
         w = jax.tree.map(lambda a: a.astype(dtype), lp)
         x = constrain(x, ("batch", "seq", None))
         h = rms_norm(x, w["attn_norm"], eps)
@@ -195,7 +201,8 @@ def forward(params: Params, tokens: jax.Array, cfg: LlamaConfig, *,
     block = _remat(block, remat)
     layer_ids = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
     init = (x, cache.k if cache is not None else None, cache.v if cache is not None else None)
-    (x, k_cache, v_cache), _ = jax.lax.scan(block, init, (params["layers"], layer_ids))
+    (x, k_cache, v_cache), _ = jax.lax.scan(
+        block, init, (params["layers"], lora[0] if lora else None, layer_ids))
 
     x = constrain(x, ("batch", "seq", None))
     x = rms_norm(x, params["final_norm"].astype(dtype), eps)

@@ -1,0 +1,220 @@
+"""The train state and the one ``train_step(state, batch) -> (state, metrics)``.
+
+The step is jitted once with in/out shardings derived from the abstract state (the
+optimizer state's shardings follow the params', ``sharding.derived_shardings``) and
+the state donated, so parameters and Adam moments are updated in place. Master weights
+are float32; the forward casts each layer's weights to the compute dtype (bf16).
+
+A batch is a dict of [B, T] arrays: ``inputs`` and ``targets`` (int32), ``weights``
+(float32; 0 on padding and on SFT prompt tokens), ``segment_ids`` and ``positions``
+(int32; packed rows). Gradient accumulation splits B into ``grad_accum`` micro-batches
+and divides the summed gradients by the total weight once, so 4 micro-batches of B
+give the same update as one batch of 4B.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from meditron_jax.config import LlamaConfig
+from meditron_jax.lora import LoraConfig, init_lora, lora_logical_axes
+from meditron_jax.model import abstract_params, forward
+from sharding import (activation_constrainer, batch_sharding, check_batch, derived_shardings,
+                      param_shardings, replicated, tree_shardings)
+from sharding.rules import Rules
+from train.config import OptimSection
+from train.optim import make_optimizer, schedule
+
+BATCH_KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
+_BATCH_DTYPES = {"weights": jnp.float32}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    step: jax.Array       # [] int32: optimizer updates done
+    params: Any           # what is trained: the full params, or the LoRA adapters
+    opt_state: Any
+    frozen: Any = None    # the base params under LoRA (never updated); None otherwise
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    grad_accum: int = 1
+    compute_dtype: Any = jnp.bfloat16
+    remat: str = "full"
+    attention_impl: str | None = None
+    loss_chunk: int = 1024         # sequence positions per logits chunk (vocab is large)
+    lora: LoraConfig | None = None
+
+
+def chunked_loss_sums(params, hidden, targets, weights, cfg: LlamaConfig, chunk: int):
+    """(sum of weighted next-token NLL, sum of weights) without the full [B,T,V] logits.
+
+    The sequence is cut into chunks; each chunk's logits are recomputed in the backward
+    pass (``jax.checkpoint``), so at most [B, chunk, V] float32 logits are alive: for
+    Llama-3's 128k vocab the full logits of one 8k-token row would be 4 GiB.
+    """
+    b, t, d = hidden.shape
+    chunk = math.gcd(t, min(chunk, t))
+    n = t // chunk
+    head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    head = head.astype(hidden.dtype)
+
+    @jax.checkpoint
+    def piece(h, tgt, w):
+        logits = jnp.einsum("BTD,DV->BTV", h, head, preferred_element_type=jnp.float32)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
+        return jnp.sum((lse - picked) * w)
+
+    split = lambda x: x.reshape(b, n, chunk, *x.shape[2:]).swapaxes(0, 1)  # noqa: E731
+    nll = jax.lax.map(lambda c: piece(*c), (split(hidden), split(targets), split(weights)))
+    return jnp.sum(nll), jnp.sum(weights)
+
+
+def make_loss_sums(cfg: LlamaConfig, opts: StepOptions, constrain=None) -> Callable:
+    """``loss_sums(trainable, frozen, batch) -> (nll_sum, weight_sum)``."""
+    def loss_sums(trainable, frozen, batch):
+        if opts.lora is not None:
+            params, lora = frozen, (trainable, opts.lora.scale)
+        else:
+            params, lora = trainable, None
+        hidden, _ = forward(params, batch["inputs"], cfg, positions=batch["positions"],
+                            segment_ids=batch["segment_ids"], dtype=opts.compute_dtype,
+                            remat=opts.remat, attention_impl=opts.attention_impl,
+                            constrain=constrain, return_hidden=True, lora=lora)
+        return chunked_loss_sums(params, hidden, batch["targets"],
+                                 batch["weights"].astype(jnp.float32), cfg, opts.loss_chunk)
+    return loss_sums
+
+
+def make_train_step(cfg: LlamaConfig, optimizer: optax.GradientTransformation,
+                    lr_schedule: optax.Schedule, opts: StepOptions, constrain=None) -> Callable:
+    loss_sums = make_loss_sums(cfg, opts, constrain)
+    grad_fn = jax.value_and_grad(lambda p, f, b: loss_sums(p, f, b), has_aux=True)
+    accum = opts.grad_accum
+
+    def sums_and_grads(params, frozen, batch):
+        (nll, count), grads = grad_fn(params, frozen, batch)
+        return nll, count, grads
+
+    def train_step(state: TrainState, batch: dict):
+        if accum == 1:
+            nll, count, grads = sums_and_grads(state.params, state.frozen, batch)
+        else:
+            # Row i*accum + j goes to micro-batch j, so every micro-batch keeps the
+            # batch's sharding over the data axes (a contiguous split would not).
+            def split(x):
+                x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:])
+                if constrain is not None:
+                    x = constrain(x, ("batch", None, "seq"))
+                return x.swapaxes(0, 1)
+            micro = jax.tree.map(split, batch)
+
+            def body(carry, mb):
+                nll_acc, count_acc, grads_acc = carry
+                nll, count, grads = sums_and_grads(state.params, state.frozen, mb)
+                return (nll_acc + nll, count_acc + count,
+                        jax.tree.map(jnp.add, grads_acc, grads)), None
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            (nll, count, grads), _ = jax.lax.scan(
+                body, (jnp.float32(0), jnp.float32(0), zeros), micro)
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": nll / denom,
+            "grad_norm": optax.global_norm(grads),
+            "lr": lr_schedule(state.step),
+            "loss_tokens": count,
+            "tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32),
+        }
+        return TrainState(state.step + 1, params, opt_state, state.frozen), metrics
+    return train_step
+
+
+def make_eval_step(cfg: LlamaConfig, opts: StepOptions, constrain=None) -> Callable:
+    loss_sums = make_loss_sums(cfg, opts, constrain)
+    return lambda state, batch: loss_sums(state.params, state.frozen, batch)
+
+
+# ---- state, shardings, jit ----------------------------------------------------------------
+def init_state(params, optimizer: optax.GradientTransformation, frozen=None) -> TrainState:
+    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), frozen)
+
+
+def abstract_state(cfg: LlamaConfig, optimizer: optax.GradientTransformation,
+                   param_dtype=jnp.float32, lora: LoraConfig | None = None) -> TrainState:
+    base = abstract_params(cfg, param_dtype)
+    if lora is None:
+        return jax.eval_shape(lambda p: init_state(p, optimizer), base)
+    adapters = jax.eval_shape(lambda: init_lora(cfg, lora, jax.random.key(0)))
+    return jax.eval_shape(lambda a, f: init_state(a, optimizer, f), adapters, base)
+
+
+def state_shardings(cfg: LlamaConfig, abstract: TrainState, mesh: Mesh, rules: Rules,
+                    lora: LoraConfig | None = None) -> TrainState:
+    """Params by their logical axes; Adam moments like their params; scalars replicated."""
+    base = param_shardings(cfg, mesh, rules)
+    trained = base if lora is None else tree_shardings(lora_logical_axes(cfg, lora), mesh, rules)
+    return TrainState(
+        step=replicated(mesh),
+        params=trained,
+        opt_state=derived_shardings(abstract.opt_state, abstract.params, trained, mesh),
+        frozen=None if lora is None else base,
+    )
+
+
+def batch_shardings(mesh: Mesh, rules: Rules) -> dict:
+    return {k: batch_sharding(mesh, rules) for k in BATCH_KEYS}
+
+
+def abstract_batch(batch: int, seq: int, mesh: Mesh, rules: Rules) -> dict:
+    sh = batch_sharding(mesh, rules)
+    return {k: jax.ShapeDtypeStruct((batch, seq), _BATCH_DTYPES.get(k, jnp.int32), sharding=sh)
+            for k in BATCH_KEYS}
+
+
+def jit_train_step(step_fn: Callable, shardings: TrainState, mesh: Mesh, rules: Rules):
+    """Jitted once; the state is donated (updated in place), metrics come back replicated."""
+    return jax.jit(step_fn, in_shardings=(shardings, batch_shardings(mesh, rules)),
+                   out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
+
+
+def jit_eval_step(eval_fn: Callable, shardings: TrainState, mesh: Mesh, rules: Rules):
+    return jax.jit(eval_fn, in_shardings=(shardings, batch_shardings(mesh, rules)),
+                   out_shardings=replicated(mesh))
+
+
+def with_shardings(abstract, shardings):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
+
+
+def abstract_train_step(cfg: LlamaConfig, mesh: Mesh, rules: Rules, *, batch: int, seq: int,
+                        remat: str = "full", param_dtype=jnp.float32,
+                        compute_dtype=jnp.bfloat16, grad_accum: int = 1,
+                        lora: LoraConfig | None = None, optim: OptimSection | None = None,
+                        attention_impl: str | None = None):
+    """The real train step and ShapeDtypeStructs (with shardings) of its arguments, so
+    ``fn.lower(*args).compile()`` plans memory and FLOPs without allocating anything."""
+    check_batch(batch // grad_accum, mesh, rules)
+    optim = optim or OptimSection()
+    optimizer = make_optimizer(optim, total_steps=1000)
+    opts = StepOptions(grad_accum=grad_accum, compute_dtype=compute_dtype, remat=remat,
+                       attention_impl=attention_impl, lora=lora)
+    abstract = abstract_state(cfg, optimizer, param_dtype, lora)
+    shardings = state_shardings(cfg, abstract, mesh, rules, lora)
+    step = make_train_step(cfg, optimizer, schedule(optim, 1000), opts,
+                           activation_constrainer(mesh, rules))
+    fn = jit_train_step(step, shardings, mesh, rules)
+    return fn, (with_shardings(abstract, shardings), abstract_batch(batch, seq, mesh, rules))
+
