@@ -303,12 +303,10 @@ class Completion:
 TokenCallback = Callable[[int, list[int]], None]
 
 
-class Generator:
-    """Generate for lists of token-id prompts with a loaded (possibly sharded) model.
-
-    ``batch_size`` rows run together (a short last batch is filled with idle rows, so
-    every batch has one shape); with a mesh it must divide by the ``data`` axis.
-    """
+class BatchRunner:
+    """A loaded (possibly sharded) model run ``batch_size`` rows at a time: a short
+    last batch is filled with idle rows, so every batch has one shape; with a mesh the
+    batch must divide by the ``data`` axis. Compute dtype defaults to the weights'."""
 
     def __init__(self, model: LoadedModel, mesh: Mesh | None = None, batch_size: int = 8, *,
                  rules: Rules = INFER_RULES, dtype=None, attention_impl: str | None = None):
@@ -319,6 +317,14 @@ class Generator:
         self.placement.check_batch(batch_size)
         self.dtype = dtype or model.params["embed"].dtype
         self.attention_impl = attention_impl
+
+
+class Generator(BatchRunner):
+    """Generate for lists of token-id prompts (see :meth:`generate`)."""
+
+    def __init__(self, model: LoadedModel, mesh: Mesh | None = None, batch_size: int = 8,
+                 **kwargs):
+        super().__init__(model, mesh, batch_size, **kwargs)
         self._prefill: dict = {}
         self._decode: dict = {}
 

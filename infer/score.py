@@ -19,12 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from infer.engine import PAD_ID, Placement, bucket_length, to_host
+from infer.engine import PAD_ID, BatchRunner, bucket_length, to_host
 from meditron_jax.errors import UserError
 from meditron_jax.loading import LoadedModel
 from meditron_jax.model import check_token_ids, forward, logits_from_hidden, token_log_probs
 from meditron_jax.tokenizer import Tokenizer
-from sharding import INFER_RULES, Rules
 
 MIN_CONTINUATION_BUCKET = 4
 
@@ -74,18 +73,12 @@ def continuation_scores(params, tokens, pad, cont_len, *, cfg, width: int, dtype
     return logprob, jnp.all(hits | ~scored, axis=-1)
 
 
-class Scorer:
-    """Score requests with a loaded (possibly sharded) model, ``batch_size`` at a time."""
+class Scorer(BatchRunner):
+    """Score requests (see :meth:`score`)."""
 
     def __init__(self, model: LoadedModel, *, mesh: Mesh | None = None, batch_size: int = 8,
-                 rules: Rules = INFER_RULES, dtype=None, attention_impl: str | None = None):
-        if batch_size < 1:
-            raise UserError(f"--batch-size must be >= 1, got {batch_size}")
-        self.model, self.cfg, self.batch_size = model, model.cfg, batch_size
-        self.placement = Placement(model.cfg, mesh, rules)
-        self.placement.check_batch(batch_size)
-        self.dtype = dtype or model.params["embed"].dtype
-        self.attention_impl = attention_impl
+                 **kwargs):
+        super().__init__(model, mesh, batch_size, **kwargs)
         self._fns: dict[int, Any] = {}
 
     def score_fn(self, width: int):
