@@ -32,7 +32,8 @@ from meditron_jax.errors import UserError
 from meditron_jax.kvcache import CACHE_AXES, KVCache
 from meditron_jax.loading import LoadedModel
 from meditron_jax.model import abstract_params, check_token_ids, forward, logits_from_hidden
-from sharding import INFER_RULES, Rules, activation_constrainer, check_batch, param_shardings
+from sharding import (INFER_RULES, Rules, activation_constrainer, check_batch, check_model_fits,
+                      param_shardings)
 
 PAD_ID = 0
 MAX_STOP_IDS = 16       # stop ids live in a fixed-size array so their number never recompiles
@@ -196,8 +197,10 @@ class Placement:
         return jax.make_array_from_callback(array.shape, self.sharding(axes),
                                             lambda index: array[index])
 
-    def check_batch(self, batch_size: int) -> None:
+    def check_fits(self, batch_size: int) -> None:
+        """The model's dims and the batch divide over the mesh (clear errors early)."""
         if self.mesh is not None:
+            check_model_fits(self.cfg, self.mesh, self.rules)
             check_batch(batch_size, self.mesh, self.rules)
 
 
@@ -244,7 +247,7 @@ def abstract_decode_step(cfg: LlamaConfig, mesh: Mesh | None, rules: Rules = INF
     """The jitted decode loop and ShapeDtypeStruct arguments (with shardings) for it:
     ``fn.lower(*args).compile()`` plans memory for a mesh without allocating anything."""
     placement = Placement(cfg, mesh, rules)
-    placement.check_batch(batch)
+    placement.check_fits(batch)
     fn = build_decode(placement, sampling=sampling, dtype=dtype)
 
     def state_shapes():
@@ -314,7 +317,7 @@ class BatchRunner:
             raise UserError(f"--batch-size must be >= 1, got {batch_size}")
         self.model, self.cfg, self.batch_size = model, model.cfg, batch_size
         self.placement = Placement(model.cfg, mesh, rules)
-        self.placement.check_batch(batch_size)
+        self.placement.check_fits(batch_size)
         self.dtype = dtype or model.params["embed"].dtype
         self.attention_impl = attention_impl
 
