@@ -63,3 +63,25 @@ def torch_logits(model, tokens, attention_mask=None, position_ids=None) -> np.nd
             kwargs["position_ids"] = torch.as_tensor(np.asarray(position_ids))
         out = model(torch.as_tensor(np.asarray(tokens)), **kwargs)
     return out.logits.float().numpy()
+
+
+def add_word_tokenizer(snapshot_dir, out_dir, words) -> str:
+    """Copy an HF snapshot and give it a word-level tokenizer.json: ids 0-3 are
+    <pad> <s> </s> <unk> (bos 1, eos 2, matching TINY_HF), then ``words`` in order."""
+    import json
+    import shutil
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    out_dir = os.fspath(out_dir)
+    shutil.copytree(os.fspath(snapshot_dir), out_dir, dirs_exist_ok=True)
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {w: i for i, w in enumerate(specials + [w for w in words if w not in specials])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok.add_special_tokens(specials)
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": "<s>", "eos_token": "</s>"}, f)
+    return out_dir
