@@ -104,9 +104,9 @@ class SweepStats:
     tokens: int = 0     # what ``process`` counted (generated or scored tokens)
     seconds: float = 0.0
 
-    def summary(self, unit: str = "tokens") -> str:
+    def summary(self, items: str = "prompts", unit: str = "tokens") -> str:
         rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
-        return (f"prompts={self.done} skipped={self.skipped} total={self.total} "
+        return (f"{items}={self.done} skipped={self.skipped} total={self.total} "
                 f"{unit}={self.tokens} time={self.seconds:.2f}s {unit}/s={rate:.1f}")
 
 

@@ -1,0 +1,182 @@
+"""``meditron-jax generate``: one prompt streamed to the terminal, or a resumable sweep
+over a JSONL file of prompts.
+
+Input lines: ``{"id": ..., "prompt": "text"}`` or ``{"id": ..., "prompt_ids": [ints]}``.
+Output lines: ``{"id", "completion", "completion_ids", "finish_reason"}``, appended as
+each batch finishes; rerunning after a kill skips ids already in ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from typing import Any
+
+from infer.cli_common import add_model_arguments, load_for_inference
+from infer.engine import Completion, Generator, fit_prompt
+from infer.sampling import Sampling
+from infer.sweep import ResumableOutput, SweepStats, id_seed, read_requests, run_sweep
+from meditron_jax.errors import UserError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", metavar="TEXT", help="one prompt; the completion streams "
+                                                        "to the terminal")
+    source.add_argument("--prompts", metavar="FILE.jsonl",
+                        help='JSONL lines {"id", "prompt"} or {"id", "prompt_ids"}')
+    parser.add_argument("--out", metavar="FILE.jsonl",
+                        help="append results here (resumable); default: JSONL on stdout")
+    parser.add_argument("--max-new-tokens", type=int, default=128, metavar="N")
+    parser.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                        help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = off")
+    parser.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                        help="nucleus mass in (0, 1]; 1 = off")
+    parser.add_argument("--seed", type=int, default=0, metavar="S",
+                        help="sampling seed (each prompt's stream also depends on its id)")
+    parser.add_argument("--stop", nargs="+", action="extend", default=[], metavar="STR",
+                        help="stop strings (in addition to the checkpoint's eos tokens)")
+    parser.add_argument("--truncate-prompt", action="store_true",
+                        help="keep the last tokens of prompts too long for max length, "
+                             "instead of failing")
+
+
+@dataclasses.dataclass
+class PromptItem:
+    id: Any
+    where: str                 # "FILE:LINE", for error messages
+    text: str | None = None
+    ids: list[int] | None = None
+
+
+def parse_prompt(record: dict, where: str) -> PromptItem:
+    has_text, has_ids = "prompt" in record, "prompt_ids" in record
+    if has_text == has_ids:
+        raise UserError(f'{where}: give exactly one of "prompt" (text) or "prompt_ids" '
+                        "(token ids)")
+    item = PromptItem(id=record["id"], where=where)
+    if has_text:
+        if not isinstance(record["prompt"], str):
+            raise UserError(f'{where}: "prompt" must be a string')
+        if not record["prompt"].strip():
+            raise UserError(f"{where}: empty prompt")
+        item.text = record["prompt"]
+    else:
+        ids = record["prompt_ids"]
+        if not isinstance(ids, list) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise UserError(f'{where}: "prompt_ids" must be a list of integers')
+        if not ids:
+            raise UserError(f"{where}: empty prompt_ids")
+        item.ids = ids
+    return item
+
+
+def _sampling(args) -> Sampling:
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+
+
+def _tokenize(items: list[PromptItem], model, args) -> None:
+    """Token ids for every prompt, all checked (range, length) before any generation."""
+    for item in items:
+        if item.ids is None:
+            if model.tokenizer is None:
+                raise UserError(f"{item.where}: text prompt but {args.model} has no tokenizer; "
+                                "give prompt_ids or add tokenizer.json")
+            item.ids = model.tokenizer.encode(item.text)
+        item.ids = fit_prompt(item.ids, args.max_new_tokens, model.cfg,
+                              truncate=args.truncate_prompt, label=item.where)
+
+
+def run(args: argparse.Namespace) -> int:
+    sampling = _sampling(args)
+    if args.out and not args.prompts:
+        raise UserError("--out goes with --prompts (a sweep); --prompt streams to the terminal")
+    items = read_requests(args.prompts, parse_prompt) if args.prompts else [
+        PromptItem(id=0, where="--prompt", text=args.prompt)]
+    if args.prompt is not None and not args.prompt.strip():
+        raise UserError("--prompt: empty prompt")
+    model, mesh = load_for_inference(args)
+    if args.stop and model.tokenizer is None:
+        raise UserError(f"--stop needs a tokenizer; {args.model} has none")
+    _tokenize(items, model, args)
+    generator = Generator(model, mesh, args.batch_size)
+    options = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
+                   stop_strings=args.stop)
+    if args.prompt is not None:
+        return _stream(generator, items[0], options)
+
+    def process(batch: list[PromptItem]):
+        done = generator.generate([it.ids for it in batch],
+                                  row_seeds=[id_seed(it.id) for it in batch], **options)
+        return [_record(it, c) for it, c in zip(batch, done)], sum(len(c.ids) for c in done)
+
+    items.sort(key=lambda it: len(it.ids))  # similar lengths share a padding bucket
+    out = ResumableOutput(args.out) if args.out else None
+    try:
+        stats = run_sweep(items, key=lambda it: it.id, batch_size=args.batch_size,
+                          process=process, out=out, emit=None if out else _print_records)
+    finally:
+        if out is not None:
+            out.close()
+    print(stats.summary(), file=sys.stderr)
+    return 0
+
+
+def _record(item: PromptItem, c: Completion) -> dict:
+    return {"id": item.id, "completion": c.text, "completion_ids": c.ids,
+            "finish_reason": c.finish_reason}
+
+
+def _print_records(records) -> None:
+    for r in records:
+        print(json.dumps(r, ensure_ascii=False), flush=True)
+
+
+class TextStream:
+    """Turns growing token ids into printable text increments: text that could still
+    change (an unfinished UTF-8 character, the start of a stop string) is held back."""
+
+    def __init__(self, decode, stop_strings):
+        self.decode, self.stops = decode, list(stop_strings)
+        self.ids: list[int] = []
+        self.printed = ""
+
+    def push(self, ids: list[int]) -> str:
+        self.ids += ids
+        text = self.decode(self.ids)
+        hits = [text.find(s) for s in self.stops if s in text]
+        if hits:
+            text = text[:min(hits)]
+        text = text.rstrip("\ufffd")
+        hold = max((n for s in self.stops for n in range(1, len(s))
+                    if text.endswith(s[:n])), default=0)
+        return self._advance(text[:len(text) - hold])
+
+    def finish(self, final: str) -> str:
+        return self._advance(final)
+
+    def _advance(self, text: str) -> str:
+        if not text.startswith(self.printed):
+            return ""
+        new, self.printed = text[len(self.printed):], text
+        return new
+
+
+def _stream(generator: Generator, item: PromptItem, options: dict) -> int:
+    stream = TextStream(generator.model.tokenizer.decode, options["stop_strings"])
+    start = time.perf_counter()
+    completion = generator.generate(
+        [item.ids], on_tokens=lambda _, ids: print(stream.push(ids), end="", flush=True),
+        **options)[0]
+    stats = SweepStats(total=1, done=1, tokens=len(completion.ids),
+                       seconds=time.perf_counter() - start)
+    print(stream.finish(completion.text or ""), flush=True)
+    print(f"{stats.summary()} finish_reason={completion.finish_reason}", file=sys.stderr)
+    return 0
