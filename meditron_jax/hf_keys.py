@@ -23,6 +23,10 @@ class KeyRule:
     ours: tuple[str, ...]   # path in our params tree
     to_ours: Callable[[np.ndarray, LlamaConfig], np.ndarray]
     to_hf: Callable[[np.ndarray, LlamaConfig], np.ndarray]
+    # The same transform, declared: for each HF dim, the (per-layer) dims of our array
+    # it flattens, outermost first (q's HF [heads*head_dim, embed] is ((1, 2), (0,))).
+    # Sliced and blockwise reads/writes map an index through it (meditron_jax.tensor_blocks).
+    hf_dims: tuple[tuple[int, ...], ...] = ()
 
     @property
     def per_layer(self) -> bool:
@@ -54,18 +58,19 @@ def _o_out(w, cfg):
 
 
 _RULES = (
-    KeyRule("model.embed_tokens.weight", ("embed",), _same, _same),
-    KeyRule("model.layers.{i}.input_layernorm.weight", ("layers", "attn_norm"), _same, _same),
-    KeyRule("model.layers.{i}.self_attn.q_proj.weight", ("layers", "q"), _q_in, _q_out),
-    KeyRule("model.layers.{i}.self_attn.k_proj.weight", ("layers", "k"), _q_in, _q_out),
-    KeyRule("model.layers.{i}.self_attn.v_proj.weight", ("layers", "v"), _q_in, _q_out),
-    KeyRule("model.layers.{i}.self_attn.o_proj.weight", ("layers", "o"), _o_in, _o_out),
-    KeyRule("model.layers.{i}.post_attention_layernorm.weight", ("layers", "mlp_norm"), _same, _same),
-    KeyRule("model.layers.{i}.mlp.gate_proj.weight", ("layers", "gate"), _t, _t),
-    KeyRule("model.layers.{i}.mlp.up_proj.weight", ("layers", "up"), _t, _t),
-    KeyRule("model.layers.{i}.mlp.down_proj.weight", ("layers", "down"), _t, _t),
-    KeyRule("model.norm.weight", ("final_norm",), _same, _same),
-    KeyRule("lm_head.weight", ("lm_head",), _t, _t),
+    KeyRule("model.embed_tokens.weight", ("embed",), _same, _same, ((0,), (1,))),
+    KeyRule("model.layers.{i}.input_layernorm.weight", ("layers", "attn_norm"), _same, _same, ((0,),)),
+    KeyRule("model.layers.{i}.self_attn.q_proj.weight", ("layers", "q"), _q_in, _q_out, ((1, 2), (0,))),
+    KeyRule("model.layers.{i}.self_attn.k_proj.weight", ("layers", "k"), _q_in, _q_out, ((1, 2), (0,))),
+    KeyRule("model.layers.{i}.self_attn.v_proj.weight", ("layers", "v"), _q_in, _q_out, ((1, 2), (0,))),
+    KeyRule("model.layers.{i}.self_attn.o_proj.weight", ("layers", "o"), _o_in, _o_out, ((2,), (0, 1))),
+    KeyRule("model.layers.{i}.post_attention_layernorm.weight", ("layers", "mlp_norm"), _same, _same,
+            ((0,),)),
+    KeyRule("model.layers.{i}.mlp.gate_proj.weight", ("layers", "gate"), _t, _t, ((1,), (0,))),
+    KeyRule("model.layers.{i}.mlp.up_proj.weight", ("layers", "up"), _t, _t, ((1,), (0,))),
+    KeyRule("model.layers.{i}.mlp.down_proj.weight", ("layers", "down"), _t, _t, ((1,), (0,))),
+    KeyRule("model.norm.weight", ("final_norm",), _same, _same, ((0,),)),
+    KeyRule("lm_head.weight", ("lm_head",), _t, _t, ((1,), (0,))),
 )
 
 # HF buffers that are recomputed, never weights.
