@@ -14,12 +14,16 @@ from sharding import INFER_RULES, check_batch, initialize_distributed, make_mesh
 DTYPES = {"auto": None, "float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, several: bool = False) -> None:
+    """``several``: ``--model`` may repeat (a list of paths; ``eval`` compares them)."""
     parser.add_argument("--model", required=True, metavar="PATH",
-                        help="Hugging Face snapshot or native checkpoint directory")
+                        action="append" if several else "store",
+                        help="Hugging Face snapshot or native checkpoint directory"
+                             + ("; repeat it, or give a quoted glob, to compare checkpoints"
+                                if several else ""))
     parser.add_argument("--mesh", default=None, metavar="SPEC",
                         help="device mesh, e.g. tensor=8 or data=2,tensor=4 (inference rules: "
-                             "weights split over tensor, batch over data); default: one device")
+                             "weights split over tensor, batch over data); none: one device")
     parser.add_argument("--batch-size", type=int, default=8, metavar="B",
                         help="rows run together (a multiple of the mesh's data axis)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto",

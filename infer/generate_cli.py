@@ -29,8 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--prompts", metavar="FILE.jsonl",
                         help='JSONL lines {"id", "prompt"} or {"id", "prompt_ids"}')
     parser.add_argument("--out", metavar="FILE.jsonl",
-                        help="append results here (resumable); default: JSONL on stdout")
-    parser.add_argument("--max-new-tokens", type=int, default=128, metavar="N")
+                        help="append results here (resumable); none: JSONL to stdout")
+    parser.add_argument("--max-new-tokens", type=int, default=128, metavar="N",
+                        help="tokens to generate per prompt (at most)")
     parser.add_argument("--temperature", type=float, default=0.0, metavar="T",
                         help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = off")
