@@ -88,7 +88,7 @@ class CheckpointSection:
 
 @dataclass(frozen=True)
 class LogSection:
-    every: int = 1                       # console / jsonl / tensorboard every N steps
+    every: int = 10                      # a console line every N steps (jsonl/TensorBoard: every step)
     eval_every: int = 0                  # 0: never (needs data.eval_file)
     eval_batches: int = 8
     progress: bool = True

@@ -132,7 +132,7 @@ def make_train_step(cfg: LlamaConfig, optimizer: optax.GradientTransformation,
         params = optax.apply_updates(state.params, updates)
         metrics = {
             "loss": nll / denom,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "lr": lr_schedule(state.step),
             "loss_tokens": count,
             "tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32),

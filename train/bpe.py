@@ -1,0 +1,54 @@
+"""A small byte-level BPE tokenizer trained on the run's own corpus (``data.tokenizer: bpe:N``).
+
+For pretraining a tiny model from scratch (the demo, the tests) a Llama-3 vocabulary
+of 128k would dwarf the model; a few hundred merges learned from the corpus keep the
+embedding small. The result is an ordinary ``tokenizer.json`` directory that
+``meditron_jax.tokenizer.Tokenizer`` (and transformers) read.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+from meditron_jax.errors import UserError
+
+BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
+
+
+def parse_spec(spec: str) -> int | None:
+    """``"bpe:512"`` -> 512; anything else -> None (a tokenizer directory)."""
+    if not spec.startswith("bpe:"):
+        return None
+    try:
+        size = int(spec[4:])
+    except ValueError:
+        raise UserError(f"data.tokenizer {spec!r}: expected bpe:VOCAB_SIZE, e.g. bpe:512") from None
+    if size < 260:
+        raise UserError(f"data.tokenizer {spec!r}: vocab size must be >= 260 (256 bytes + "
+                        "special tokens)")
+    return size
+
+
+def train_bpe(texts: list[str], vocab_size: int, out_dir: str) -> str:
+    """Train on ``texts`` and write ``tokenizer.json`` + ``tokenizer_config.json``
+    into ``out_dir`` (written aside, then renamed)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    tok.save(os.path.join(tmp, "tokenizer.json"))
+    with open(os.path.join(tmp, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump({"bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
+                   "add_bos_token": True}, f, indent=2)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.rename(tmp, out_dir)
+    return out_dir

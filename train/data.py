@@ -1,0 +1,186 @@
+"""Training data: documents or prompt/completion records -> packed fixed-length rows.
+
+The pipeline is grain's (``MapDataset -> shuffle -> repeat -> flat_map -> first-fit
+pack -> batch``) because its iterators are checkpointable: ``get_state()`` is a small
+JSON dict saved with every checkpoint, so a resumed run sees exactly the batches the
+uninterrupted run would have seen. Order depends only on ``data.seed`` (a different
+shuffle each epoch).
+
+- Every file is read and validated before training starts (an error names the file
+  and line), and each host keeps only its share of the records (record ``i`` goes to
+  host ``i % process_count``), so a host loads only its part of the global batch.
+- An example is ``inputs = ids[:-1]``, ``targets = ids[1:]`` and ``weights`` (1 where
+  the target is trained on: every token of a document; only completion tokens of an
+  SFT record). An example longer than ``seq_len`` is split into ``seq_len`` pieces or
+  truncated (``data.overlong``); both are counted and reported.
+- First-fit packing never cuts an example across rows, so every segment starts at
+  position 0 as it does at inference; segment id 0 marks padding (weight 0).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Iterator
+
+import grain
+import grain.experimental as gx
+import numpy as np
+
+from meditron_jax.errors import UserError
+from meditron_jax.jsonl import read_jsonl
+from train.config import DataSection
+
+log = logging.getLogger("meditron_jax.train")
+DOC_SEPARATOR = "---"
+
+
+# ---- reading and validating records ----------------------------------------------------
+def _text_documents(path: str) -> list[str]:
+    """A .txt file: documents separated by lines holding only ``---``."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+    docs, current = [], []
+    for line in text.splitlines():
+        if line.strip() == DOC_SEPARATOR:
+            docs.append("\n".join(current))
+            current = []
+        else:
+            current.append(line)
+    docs.append("\n".join(current))
+    return [d.strip() for d in docs if d.strip()]
+
+
+def _records_of(path: str, dcfg: DataSection) -> list:
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: data file not found")
+    if not path.endswith((".jsonl", ".json")):
+        if dcfg.kind == "sft":
+            raise UserError(f"{path}: SFT data must be JSONL with 'prompt' and 'completion'")
+        return _text_documents(path)
+    out = []
+    for line_no, rec in read_jsonl(path):
+        if dcfg.kind == "sft":
+            for key in ("prompt", "completion"):
+                if not isinstance(rec.get(key), str):
+                    what = "has no" if key not in rec else "has a non-string"
+                    raise UserError(f"{path}:{line_no}: SFT record {what} {key!r}; every line "
+                                    'needs {"prompt": "...", "completion": "..."}')
+            if not rec["completion"].strip():
+                raise UserError(f"{path}:{line_no}: SFT record has an empty 'completion'")
+            out.append((rec["prompt"], rec["completion"]))
+        else:
+            text = rec.get(dcfg.text_key)
+            if not isinstance(text, str):
+                raise UserError(f"{path}:{line_no}: record has no string field "
+                                f"{dcfg.text_key!r} (set data.text_key)")
+            if text.strip():
+                out.append(text)
+    return out
+
+
+def read_records(files, dcfg: DataSection, process_index: int = 0,
+                 process_count: int = 1) -> list:
+    """Validate every file completely; return this host's share of the records."""
+    if not files:
+        raise UserError("run config: data.train_files is empty; list text or JSONL files")
+    records = []
+    for path in files:
+        records.extend(_records_of(os.fspath(path), dcfg))
+    if not records:
+        raise UserError(f"{', '.join(map(str, files))}: no {'records' if dcfg.kind == 'sft' else 'documents'} "
+                        "(the corpus is empty)")
+    if len(records) < process_count:
+        raise UserError(f"{len(records)} records cannot be shared by {process_count} hosts")
+    return records[process_index::process_count]
+
+
+# ---- tokenizing into examples --------------------------------------------------------------
+class ExampleBuilder(gx.FlatMapTransform):
+    """Record -> one or more examples ``{"inputs", "targets", "weights"}`` of <= seq_len."""
+
+    def __init__(self, tokenizer, eos_id: int, dcfg: DataSection):
+        self.tokenizer, self.eos_id, self.dcfg = tokenizer, eos_id, dcfg
+        self.counts = {"examples": 0, "overlong": 0, "dropped_tokens": 0}
+
+    def ids_and_weights(self, record) -> tuple[list[int], list[float]]:
+        enc = self.tokenizer.encode
+        if self.dcfg.kind == "sft":
+            prompt, completion = record
+            p = enc(prompt, add_bos=True)
+            c = enc(completion, add_bos=False) + [self.eos_id]
+            return p + c, [0.0] * len(p) + [1.0] * len(c)
+        ids = enc(record, add_bos=True) + [self.eos_id]
+        return ids, [1.0] * len(ids)
+
+    def flat_map(self, record):
+        ids, w = self.ids_and_weights(record)
+        ids, w = np.asarray(ids, np.int32), np.asarray(w, np.float32)
+        # weight of a target token = weight of that token in the record
+        inputs, targets, weights = ids[:-1], ids[1:], w[1:]
+        n, seq = len(inputs), self.dcfg.seq_len
+        self.counts["examples"] += 1
+        if n > seq:
+            self.counts["overlong"] += 1
+            if self.counts["overlong"] == 1:
+                log.warning("data: an example has %d tokens > seq_len=%d; %s (data.overlong); "
+                            "the run summary counts them", n, seq,
+                            "splitting" if self.dcfg.overlong == "split" else "truncating")
+            if self.dcfg.overlong == "truncate":
+                self.counts["dropped_tokens"] += n - seq
+                inputs, targets, weights = inputs[:seq], targets[:seq], weights[:seq]
+        pieces = []
+        for s in range(0, len(inputs), seq):
+            piece = {"inputs": inputs[s:s + seq], "targets": targets[s:s + seq],
+                     "weights": weights[s:s + seq]}
+            if piece["weights"].any():  # an SFT piece holding only prompt trains nothing
+                pieces.append(piece)
+        return pieces
+
+
+# ---- the loader ------------------------------------------------------------------------
+class Loader:
+    """Infinite iterator of this host's rows of each global batch, as numpy arrays
+    ``inputs, targets, weights, segment_ids, positions`` of shape [local_batch, seq_len]."""
+
+    def __init__(self, records: list, tokenizer, eos_id: int, dcfg: DataSection,
+                 local_batch: int, shuffle: bool | None = None):
+        self.builder = ExampleBuilder(tokenizer, eos_id, dcfg)
+        ds = grain.MapDataset.source(records)
+        if dcfg.shuffle if shuffle is None else shuffle:
+            ds = ds.shuffle(seed=dcfg.seed)
+        ds = ds.repeat().to_iter_dataset()
+        ds = gx.FlatMapIterDataset(ds, self.builder)
+        seq = dcfg.seq_len
+        ds = gx.FirstFitPackIterDataset(
+            ds, length_struct={"inputs": seq, "targets": seq, "weights": seq},
+            num_packing_bins=max(dcfg.packing_bins, local_batch), shuffle_bins=False)
+        self._iter = iter(ds.batch(local_batch, drop_remainder=True))
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __next__(self) -> dict:
+        b = next(self._iter)
+        return {"inputs": b["inputs"].astype(np.int32), "targets": b["targets"].astype(np.int32),
+                "weights": b["weights"].astype(np.float32),
+                "segment_ids": b["inputs_segment_ids"].astype(np.int32),
+                "positions": b["inputs_positions"].astype(np.int32)}
+
+    @property
+    def counts(self) -> dict:
+        return dict(self.builder.counts)
+
+    def get_state(self) -> dict:
+        return {"grain": self._iter.get_state(), "counts": self.counts}
+
+    def set_state(self, state: dict) -> None:
+        self._iter.set_state(state["grain"])
+        self.builder.counts.update(state.get("counts", {}))
+
+
+def fixed_batches(loader: Loader, n: int) -> list[dict]:
+    """The first ``n`` batches (a held-out eval set that is the same at every eval)."""
+    return [next(loader) for _ in range(n)]

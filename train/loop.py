@@ -1,0 +1,229 @@
+"""The training loop: ``run_training(run_config) -> summary``.
+
+One jitted, donated ``train_step`` per optimizer step; a checkpoint every
+``checkpoint.every`` steps and at the end; automatic resume from the latest checkpoint
+in ``output_dir``; SIGTERM saves at the current step and returns (exit 0); a
+non-finite loss stops the run naming the step, without saving over the last good
+checkpoint. Metrics are read back every step: that host sync is also what lets a
+NaN be caught before it reaches a checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import jax
+import numpy as np
+
+from meditron_jax.errors import UserError
+from meditron_jax.lora import init_lora, save_adapters
+from meditron_jax.model import abstract_params
+from sharding import (PRESETS, activation_constrainer, check_batch, check_model_fits,
+                      describe, init_sharded, make_mesh, param_shardings)
+from train import setup
+from train.checkpoints import Checkpointer, Preemption
+from train.config import RunConfig
+from train.metrics import MetricsWriter, Throughput, peak_flops, plot_losses
+from train.optim import make_optimizer, schedule
+from train.step import (StepOptions, abstract_state, batch_shardings, init_state,
+                        jit_eval_step, jit_train_step, make_eval_step, make_train_step,
+                        state_shardings)
+
+# Fault injection for the resume tests: after this step (and its checkpoint), wait
+# for SIGTERM or SIGKILL instead of going on, like a host that is about to be preempted.
+STALL_ENV = "MEDITRON_FAULT_STALL_AFTER_STEP"
+
+
+class TrainingDiverged(UserError):
+    """A non-finite loss or gradient norm."""
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _load_base(run: RunConfig, cfg, mesh, rules, dtype):
+    """Initial weights: an earlier run's output dir, an HF/native checkpoint, or random."""
+    src = run.model.init_from
+    if src and setup.is_run_dir(src):
+        ckpt = Checkpointer(os.path.join(src, "checkpoints"), keep=1, async_save=False)
+        step = ckpt.latest_step()
+        if step is None:
+            raise UserError(f"model.init_from {src}: that run has no checkpoint yet")
+        meta = ckpt.read_meta(step)
+        if meta.get("lora"):
+            raise UserError(f"model.init_from {src}: that run trained LoRA adapters; merge "
+                            "them first (meditron-jax export --lora) and start from the export")
+        params = ckpt.restore_params(step, abstract_params(cfg, jax.numpy.float32),
+                                     param_shardings(cfg, mesh, rules))
+        ckpt.close()
+        return jax.tree.map(lambda x: x.astype(dtype), params)
+    if src:
+        from meditron_jax.loading import load_model
+        loaded = load_model(src, shardings=lambda c: param_shardings(c, mesh, rules), dtype=dtype)
+        return loaded.params
+    return init_sharded(cfg, jax.random.key(run.train.seed), mesh, rules, dtype,
+                        run.model.init_std)
+
+
+def _global(local: dict, shardings: dict) -> dict:
+    return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in local.items()}
+
+
+def run_training(run: RunConfig) -> dict:
+    """Train (or resume) as the run config says; returns a summary dict (steps, final
+    loss, tokens/s, MFU, and the paths of metrics.jsonl, loss.png, checkpoints)."""
+    out = os.path.abspath(run.output_dir)
+    os.makedirs(out, exist_ok=True)
+    cfg, lcfg = setup.model_config(run), setup.lora_config(run)
+    mesh, rules = make_mesh(run.train.mesh), PRESETS[run.train.rules]
+    check_model_fits(cfg, mesh, rules)
+    check_batch(run.train.batch_size // run.train.grad_accum, mesh, rules)
+    if run.data.seq_len > cfg.max_position_embeddings:
+        raise UserError(f"data.seq_len {run.data.seq_len} exceeds the model's "
+                        f"max_position_embeddings ({cfg.max_position_embeddings})")
+    tok, eos, tok_dir = setup.tokenizer_for(run, cfg)
+    data = setup.make_data(run, tok, eos)  # every data file validated before any compile
+    if jax.process_index() == 0:
+        _write_json(os.path.join(out, setup.RUN_META), {"model": cfg.to_hf(), "run": run.to_dict()})
+    setup.keep_tokenizer(tok_dir, out)
+
+    param_dtype = setup.DTYPES[run.model.param_dtype]
+    optimizer = make_optimizer(run.optim, run.train.steps)
+    lr = schedule(run.optim, run.train.steps)
+    opts = StepOptions(grad_accum=run.train.grad_accum,
+                       compute_dtype=setup.DTYPES[run.model.compute_dtype],
+                       remat=run.model.remat, attention_impl=run.model.attention_impl, lora=lcfg)
+    abstract = abstract_state(cfg, optimizer, param_dtype, lcfg)
+    shardings = state_shardings(cfg, abstract, mesh, rules, lcfg)
+    constrain = activation_constrainer(mesh, rules)
+    train_step = jit_train_step(make_train_step(cfg, optimizer, lr, opts, constrain),
+                                shardings, mesh, rules)
+    eval_step = jit_eval_step(make_eval_step(cfg, opts, constrain), shardings, mesh, rules)
+    bsh = batch_shardings(mesh, rules)
+
+    ckpt = Checkpointer(os.path.join(out, "checkpoints"), run.checkpoint.keep,
+                        run.checkpoint.async_save)
+    meta = setup.run_meta(run, cfg, lcfg)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state, data_state = ckpt.restore(latest, abstract, shardings, meta)
+        data.train.set_state(data_state)
+        if lcfg is not None:
+            state.frozen = _load_base(run, cfg, mesh, rules, param_dtype)
+    else:
+        base = _load_base(run, cfg, mesh, rules, param_dtype)
+        if lcfg is None:
+            state = jax.jit(lambda p: init_state(p, optimizer), out_shardings=shardings,
+                            donate_argnums=0)(base)
+        else:
+            key = jax.random.fold_in(jax.random.key(run.train.seed), 1)
+            state = jax.jit(lambda k, f: init_state(init_lora(cfg, lcfg, k), optimizer, f),
+                            out_shardings=shardings, donate_argnums=1)(key, base)
+    start = int(jax.device_get(state.step))
+
+    writer = MetricsWriter(out, run.train.steps, start, progress=run.log.progress,
+                           tensorboard=run.log.tensorboard)
+    writer.message(f"train: {cfg.num_params() / 1e6:.1f}M params{' (LoRA r=%d)' % lcfg.rank if lcfg else ''}, "
+                   f"mesh {describe(mesh)}, batch {run.train.batch_size}x{run.data.seq_len}"
+                   f"{f', resuming from step {start}' if latest is not None else ''}")
+    throughput = Throughput(cfg.flops_per_token(run.data.seq_len, training=True), mesh.size,
+                            peak_flops(jax.devices()[0], run.log.cpu_peak_flops))
+    stall = int(os.environ.get(STALL_ENV, "0") or 0)
+    last: dict = {}
+    rates: list[float] = []
+    preempted = False
+    step = start
+    try:
+        with Preemption() as preemption:
+            for step in range(start + 1, run.train.steps + 1):
+                state, metrics = train_step(state, _global(next(data.train), bsh))
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+                    ckpt.wait()
+                    raise TrainingDiverged(
+                        f"loss is {m['loss']} (grad norm {m['grad_norm']}) at step {step}; stopped "
+                        f"without saving it. Last good checkpoint: step {ckpt.last_saved} in "
+                        f"{ckpt.directory}; lower optim.lr or set optim.clip_norm and rerun "
+                        "(it resumes from there)")
+                rate, mfu = throughput.update(m["tokens"])
+                last = {"step": step, **m, "tokens_per_s": rate, "mfu": mfu,
+                        "data_overlong": data.train.counts["overlong"]}
+                if rate is not None:
+                    rates.append(rate)
+                if run.log.eval_every and data.eval_batches and (
+                        step % run.log.eval_every == 0 or step == run.train.steps):
+                    last["eval_loss"] = _evaluate(eval_step, state, data.eval_batches, bsh)
+                writer.write(last)
+                if run.log.every and step % run.log.every == 0:
+                    writer.message(_line(last))
+                if step % run.checkpoint.every == 0 or step == run.train.steps:
+                    ckpt.save(step, state, data.train.get_state(), meta)
+                if step == stall:
+                    ckpt.wait()
+                    writer.message(f"{STALL_ENV}: stalled after step {step}")
+                    while not preemption.reached(step):
+                        time.sleep(0.02)
+                if preemption.reached(step):
+                    ckpt.save(step, state, data.train.get_state(), meta)
+                    writer.message(f"train: preempted (SIGTERM) at step {step}; checkpoint saved, "
+                                   "rerun the same command to resume")
+                    preempted = True
+                    break
+        ckpt.wait()
+        return _finish(run, out, state, lcfg, ckpt, writer, last, rates, start, step, preempted, data)
+    finally:
+        writer.close()
+        ckpt.close()
+
+
+def _evaluate(eval_step, state, batches, bsh) -> float:
+    nll = count = 0.0
+    for b in batches:
+        n, c = jax.device_get(eval_step(state, _global(b, bsh)))
+        nll, count = nll + float(n), count + float(c)
+    return nll / max(count, 1.0)
+
+
+def _line(r: dict) -> str:
+    parts = [f"step {r['step']}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.2e}",
+             f"grad_norm {r['grad_norm']:.3f}"]
+    if r.get("tokens_per_s"):
+        parts.append(f"{r['tokens_per_s']:.0f} tok/s")
+    if r.get("mfu") is not None:
+        parts.append(f"MFU {100 * r['mfu']:.1f}%")
+    if "eval_loss" in r:
+        parts.append(f"eval_loss {r['eval_loss']:.4f}")
+    return "  ".join(parts)
+
+
+def _finish(run, out, state, lcfg, ckpt, writer, last, rates, start, step, preempted, data) -> dict:
+    adapter = None
+    if lcfg is not None and jax.process_index() == 0 and not preempted:
+        adapter = save_adapters(jax.device_get(state.params), lcfg, os.path.join(out, "adapter"),
+                                base_model=run.model.init_from)
+    plot = None
+    if run.log.plot and jax.process_index() == 0:
+        plot = plot_losses(writer.path, os.path.join(out, "loss.png"))
+    counts = data.train.counts
+    if counts["overlong"]:
+        writer.message(f"data: {counts['overlong']} of {counts['examples']} examples were longer "
+                       f"than seq_len={run.data.seq_len} and were "
+                       f"{'split' if run.data.overlong == 'split' else 'truncated'}"
+                       f"{' (%d tokens dropped)' % counts['dropped_tokens'] if counts['dropped_tokens'] else ''}")
+    summary = {
+        "steps": step, "start_step": start, "total_steps": run.train.steps, "preempted": preempted,
+        "final_loss": last.get("loss"), "final_eval_loss": last.get("eval_loss"),
+        "tokens_per_s": float(np.median(rates)) if rates else None, "mfu": last.get("mfu"),
+        "metrics": writer.path, "loss_plot": plot, "tensorboard": writer.tb_dir,
+        "checkpoints": ckpt.directory, "latest_checkpoint": ckpt.latest_step(),
+        "adapter": adapter, "output_dir": out, "data": counts,
+    }
+    if jax.process_index() == 0:
+        _write_json(os.path.join(out, "summary.json"), summary)
+    return summary

@@ -1,0 +1,150 @@
+"""Everything a run needs before its first step, resolved from the run config.
+
+The order matters for "the run does not start half-configured": the model config,
+the tokenizer and every data file are read and checked (cheap) before any weights are
+loaded or any step is compiled.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+
+from meditron_jax.config import LlamaConfig, preset
+from meditron_jax.errors import UserError
+from meditron_jax.lora import LoraConfig
+from meditron_jax.tokenizer import Tokenizer
+from train import bpe
+from train.config import RunConfig
+from train.data import Loader, fixed_batches, read_records
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+RUN_META = "train_run.json"  # marks a training output dir usable as model.init_from
+
+
+def is_run_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, RUN_META))
+
+
+def model_config(run: RunConfig) -> LlamaConfig:
+    m = run.model
+    if m.init_from:
+        if m.overrides:
+            raise UserError("run config: model.overrides cannot change a model loaded from "
+                            "model.init_from (the weights fix the architecture)")
+        return init_from_config(m.init_from)
+    cfg = LlamaConfig.from_hf(m.config) if m.config else preset(m.preset or "tiny")
+    if m.overrides:
+        names = {f.name for f in dataclasses.fields(LlamaConfig)}
+        unknown = sorted(set(m.overrides) - names)
+        if unknown:
+            raise UserError(f"run config: model.overrides has unknown field(s) "
+                            f"{', '.join(unknown)}; fields: {', '.join(sorted(names))}")
+        cfg = cfg.replace(**m.overrides)
+    return cfg
+
+
+def init_from_config(path: str) -> LlamaConfig:
+    """The architecture of ``model.init_from``: an HF snapshot, a native checkpoint or
+    the output dir of an earlier training run."""
+    if is_run_dir(path):
+        with open(os.path.join(path, RUN_META), encoding="utf-8") as f:
+            return LlamaConfig.from_hf(json.load(f)["model"])
+    from meditron_jax.loading import directory_kind
+    kind = directory_kind(path)
+    return LlamaConfig.from_hf(os.path.join(path, "config.json" if kind == "hf"
+                                            else "meditron_config.json"))
+
+
+def lora_config(run: RunConfig) -> LoraConfig | None:
+    lo = run.lora
+    return LoraConfig(lo.rank, lo.alpha, tuple(lo.targets)) if lo.rank else None
+
+
+def tokenizer_for(run: RunConfig, cfg: LlamaConfig) -> tuple[Tokenizer, int, str]:
+    """(tokenizer, eos id, its directory). ``bpe:N`` trains one on the training files once and keeps it
+    in the output dir, so a resumed run reuses the exact same vocabulary."""
+    spec = run.data.tokenizer
+    if spec and bpe.parse_spec(spec):
+        path = os.path.join(run.output_dir, "tokenizer")
+        if not os.path.exists(os.path.join(path, "tokenizer.json")):
+            texts = read_records(run.data.train_files, run.data)
+            if run.data.kind == "sft":
+                texts = [p + c for p, c in texts]
+            if jax.process_index() == 0:
+                bpe.train_bpe(texts, bpe.parse_spec(spec), path)
+            _barrier("tokenizer")
+    else:
+        path = spec or run.model.init_from
+        if path and is_run_dir(path):
+            path = os.path.join(path, "tokenizer")
+        if not path:
+            raise UserError("run config: no tokenizer; set data.tokenizer to a tokenizer "
+                            "directory (or bpe:VOCAB_SIZE to train one on the corpus)")
+    tok = Tokenizer.from_dir(path)
+    if tok.vocab_size > cfg.vocab_size:
+        raise UserError(f"tokenizer {path} has {tok.vocab_size} tokens but the model's "
+                        f"vocab_size is {cfg.vocab_size}; use a matching tokenizer or model")
+    eos = tok.eos_ids[0] if tok.eos_ids else (cfg.eos_token_id[0] if cfg.eos_token_id else None)
+    if eos is None:
+        raise UserError(f"tokenizer {path}: no end-of-text token to end documents with")
+    return tok, int(eos), path
+
+
+def keep_tokenizer(src: str, out_dir: str) -> None:
+    """Copy the tokenizer files next to the run's checkpoints (written aside, then
+    renamed), so the output dir is self-contained for ``model.init_from`` and export."""
+    from meditron_jax.tokenizer import TOKENIZER_FILES
+    dest = os.path.join(out_dir, "tokenizer")
+    if jax.process_index() != 0 or os.path.abspath(src) == os.path.abspath(dest) \
+            or os.path.exists(dest):
+        return
+    tmp = dest + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name in TOKENIZER_FILES:
+        if os.path.exists(os.path.join(src, name)):
+            shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
+    os.rename(tmp, dest)
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+@dataclasses.dataclass
+class Data:
+    train: Loader
+    eval_batches: list[dict]
+    local_batch: int
+
+
+def make_data(run: RunConfig, tok: Tokenizer, eos: int) -> Data:
+    """Validate every data file, then build this host's loader and eval batches."""
+    n_proc, pid = jax.process_count(), jax.process_index()
+    if run.train.batch_size % n_proc:
+        raise UserError(f"train.batch_size {run.train.batch_size} is not divisible by the "
+                        f"{n_proc} processes")
+    local = run.train.batch_size // n_proc
+    records = read_records(run.data.train_files, run.data, pid, n_proc)
+    eval_batches = []
+    if run.data.eval_file:
+        held_out = read_records([run.data.eval_file], run.data, pid, n_proc)
+        eval_loader = Loader(held_out, tok, eos, run.data, local, shuffle=False)
+        eval_batches = fixed_batches(eval_loader, run.log.eval_batches)
+    return Data(Loader(records, tok, eos, run.data, local), eval_batches, local)
+
+
+def run_meta(run: RunConfig, cfg: LlamaConfig, lora: LoraConfig | None) -> dict:
+    """What a checkpoint must agree with to be resumed (see checkpoints.check_meta)."""
+    return {"model": cfg.to_hf(),
+            "lora": {"rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets)}
+            if lora else {},
+            "seq_len": run.data.seq_len, "batch_size": run.train.batch_size,
+            "data_kind": run.data.kind}
