@@ -1,0 +1,56 @@
+"""The machine's own limits: float32 matmul throughput and memory read bandwidth.
+
+Each is measured with every library the benchmark uses (XLA through JAX, PyTorch,
+NumPy's BLAS) and the ceiling is the best median among them: a fraction of the ceiling
+is then a fraction of what this machine demonstrably does, not of a datasheet number.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from bench.timing import median_seconds
+
+MATMUL_N = 3072             # large enough that every library reaches its plateau on CPU
+READ_BYTES = 512 * 2 ** 20  # 16x the L3 cache of the benchmark machine: a DRAM read
+
+
+def _matmul_libs(n: int):
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    ja, jb = jnp.asarray(a), jnp.asarray(b)
+    jdot = jax.jit(jnp.matmul)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    return {"xla": lambda: jdot(ja, jb).block_until_ready(),
+            "torch": lambda: torch.matmul(ta, tb),
+            "numpy": lambda: a @ b}
+
+
+def _read_libs(nbytes: int):
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    x = np.ones(nbytes // 4, np.float32)
+    jx = jnp.asarray(x)
+    jsum = jax.jit(jnp.sum)
+    tx = torch.from_numpy(x)
+    return {"xla": lambda: jsum(jx).block_until_ready(),
+            "torch": lambda: tx.sum(),
+            "numpy": lambda: x.sum()}
+
+
+def measure(repeats: int = 5, matmul_n: int = MATMUL_N, read_bytes: int = READ_BYTES) -> dict:
+    """Medians per library and the best of them, as the JSON ``ceilings`` entry."""
+    flops = 2.0 * matmul_n ** 3
+    matmul = {lib: flops / median_seconds(fn, repeats) / 1e9
+              for lib, fn in _matmul_libs(matmul_n).items()}
+    read = {lib: read_bytes / median_seconds(fn, max(repeats, 10)) / 1e9
+            for lib, fn in _read_libs(read_bytes).items()}
+    return {"matmul_gflops": max(matmul.values()), "read_gbps": max(read.values()),
+            "matmul_gflops_by_library": matmul, "read_gbps_by_library": read,
+            "matmul_n": matmul_n, "read_bytes": read_bytes}

@@ -1,0 +1,151 @@
+"""``meditron-jax bench`` / ``python -m bench``: ours against transformers, one run.
+
+The parent process only orchestrates: every measurement runs in a fresh worker
+process (``bench/worker.py``) pinned to the same CPUs and thread count, first the
+machine's ceilings, then per preset the transformers side (which writes the shared
+random weights) and our side (which loads them). Results go to the console table and,
+with ``--json``, to a file written aside and renamed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from bench import beyond_cpu, ceilings, machine, report
+from bench.presets import BENCHMARKS, PRESETS, parse_list
+from meditron_jax.errors import UserError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--presets", default="small,medium",
+                        help=f"comma-separated model sizes: {', '.join(PRESETS)}")
+    parser.add_argument("--benches", default=",".join(BENCHMARKS),
+                        help="comma-separated benchmarks to run")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed repeats per benchmark (the median is reported; "
+                             "warm-up runs are extra)")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                        help="CPU threads for both sides (each worker is pinned to this many CPUs)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the shared random weights")
+    parser.add_argument("--json", default=None, metavar="PATH",
+                        help="also write the results as JSON to PATH")
+    parser.add_argument("--workdir", default=None,
+                        help="where the shared weights are written (default: a temporary "
+                             "directory, removed afterwards)")
+    parser.add_argument("--ceiling-matmul-n", type=int, default=ceilings.MATMUL_N,
+                        help="side of the square float32 matmuls that measure the FLOP/s ceiling")
+    parser.add_argument("--ceiling-read-mib", type=int, default=ceilings.READ_BYTES // 2 ** 20,
+                        help="MiB summed to measure the read-bandwidth ceiling (keep it well "
+                             "above the last-level cache)")
+    parser.add_argument("--worker-timeout", type=float, default=1800.0,
+                        help="seconds before a worker process is killed")
+    parser.add_argument("--no-plan", action="store_true",
+                        help="skip the ahead-of-time meditron3-8b plan section")
+
+
+def _check(args) -> tuple[list[str], list[str]]:
+    presets = parse_list(args.presets, PRESETS, "presets")
+    benches = parse_list(args.benches, BENCHMARKS, "benches")
+    if args.repeats < 1:
+        raise UserError(f"--repeats must be >= 1, got {args.repeats}")
+    available = len(os.sched_getaffinity(0))
+    if not 1 <= args.threads <= available:
+        raise UserError(f"--threads must be between 1 and {available} (the CPUs this "
+                        f"process may use), got {args.threads}")
+    if args.ceiling_matmul_n < 64 or args.ceiling_read_mib < 1:
+        raise UserError("--ceiling-matmul-n must be >= 64 and --ceiling-read-mib >= 1")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        raise UserError(f"--json {args.json}: its directory does not exist")
+    return presets, benches
+
+
+def _worker(kind: str, out_dir: str, args, timeout: float, **opts) -> dict:
+    out = os.path.join(out_dir, f"{kind}-{opts.get('preset', 'machine')}.json")
+    cmd = [sys.executable, "-m", "bench.worker", kind, "--threads", str(args.threads),
+           "--repeats", str(args.repeats), "--seed", str(args.seed), "--out", out]
+    for key, value in opts.items():
+        cmd += [f"--{key}", str(value)]
+    print(f"bench: {kind} {opts.get('preset', '')}".rstrip(), file=sys.stderr, flush=True)
+    try:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise UserError(f"the {kind} worker ran past --worker-timeout={timeout:g}s; "
+                        "try fewer --repeats or a smaller preset") from None
+    if proc.returncode != 0 or not os.path.exists(out):
+        tail = "\n".join(proc.stdout.strip().splitlines()[-15:])
+        print(tail, file=sys.stderr)
+        raise UserError(f"the {kind} worker failed (exit {proc.returncode}); its last "
+                        "output is printed above")
+    with open(out, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def measure(args, presets: list[str], benches: list[str], workdir: str) -> dict:
+    started = time.time()
+    result: dict = {"machine": machine.describe(args.threads)}
+    limits = _worker("ceilings", workdir, args, args.worker_timeout,
+                     **{"matmul-n": args.ceiling_matmul_n, "read-mib": args.ceiling_read_mib})
+    result["ceilings"] = limits["results"]
+    result["machine"]["pinned_cpus"] = limits["cpus"]
+    rss: dict = {}
+    for name in presets:
+        weights = os.path.join(workdir, f"weights-{name}")
+        common = dict(preset=name, benches=",".join(benches), weights=weights)
+        theirs = _worker("transformers", workdir, args, args.worker_timeout, **common)
+        ours = _worker("ours", workdir, args, args.worker_timeout, **common)
+        rss[name] = {"ours": ours["peak_rss_gb"], "transformers": theirs["peak_rss_gb"]}
+        result[name] = {b: report.bench_entry(PRESETS[name], b, ours["results"][b],
+                                              theirs["results"][b], result["ceilings"])
+                        for b in benches}
+    if not args.no_plan:
+        result["beyond_cpu"] = _worker("plan", workdir, args, args.worker_timeout)["results"]
+    result["machine"].update(machine.load_after(), peak_rss_gb=rss,
+                             wall_s=round(time.time() - started, 1))
+    result["settings"] = {"presets": presets, "benches": benches, "repeats": args.repeats,
+                          "threads": args.threads, "seed": args.seed}
+    return result
+
+
+def _write_json(path: str, data: dict) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def run(args) -> int:
+    presets, benches = _check(args)
+    if args.workdir:
+        os.makedirs(args.workdir, exist_ok=True)
+        result = measure(args, presets, benches, args.workdir)
+    else:
+        with tempfile.TemporaryDirectory(prefix="meditron-bench-") as workdir:
+            result = measure(args, presets, benches, workdir)
+    print(machine.summary(result["machine"], result["ceilings"]))
+    print(report.table(result, presets))
+    if "beyond_cpu" in result:
+        print(beyond_cpu.summary(result["beyond_cpu"]))
+    if args.json:
+        _write_json(args.json, result)
+        print(f"bench: wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except UserError as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        return 2

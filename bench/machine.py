@@ -1,0 +1,60 @@
+"""What the benchmark ran on: CPU, memory, library versions, and how busy it was.
+
+Ratios are only comparable within one run on one machine; the load average before
+and after says whether other work on the machine disturbed that run.
+"""
+from __future__ import annotations
+
+import os
+import platform
+from importlib import metadata
+
+_LIBS = ("jax", "jaxlib", "torch", "transformers", "numpy")
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _mem_total_gb() -> float | None:
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return round(int(line.split()[1]) / 2 ** 20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def _version(lib: str) -> str | None:
+    try:
+        return metadata.version(lib)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def describe(threads: int) -> dict:
+    return {"cpu": _cpu_model(), "logical_cpus": os.cpu_count(), "threads": threads,
+            "memory_gb": _mem_total_gb(), "platform": platform.platform(),
+            "python": platform.python_version(),
+            "versions": {lib: _version(lib) for lib in _LIBS},
+            "load_avg_before": [round(x, 2) for x in os.getloadavg()]}
+
+
+def load_after() -> dict:
+    return {"load_avg_after": [round(x, 2) for x in os.getloadavg()]}
+
+
+def summary(m: dict, ceilings: dict) -> str:
+    return (f"machine: {m['cpu']}, {m['threads']} threads pinned, {m['memory_gb']} GB; "
+            f"load avg before {m['load_avg_before'][0]}, after {m['load_avg_after'][0]}\n"
+            f"ceilings: matmul {ceilings['matmul_gflops']:.1f} GFLOP/s (float32, "
+            f"{ceilings['matmul_n']}^3), read {ceilings['read_gbps']:.1f} GB/s")

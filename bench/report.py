@@ -1,0 +1,87 @@
+"""Turn raw timings into the benchmark's JSON and console table.
+
+Per benchmark: tokens/s on each side, their ratio, and the fraction of the machine's
+ceiling: MFU (model FLOPs/s over the matmul ceiling) for forward and training, and
+for decode the bytes a step must read (weights + KV cache) per second over the read
+bandwidth, i.e. the fraction of the weight-streaming bound.
+"""
+from __future__ import annotations
+
+from bench.presets import BenchPreset, decode_bytes_per_step, tokens_per_step
+
+# bench -> (min ratio to transformers, min fraction of ceiling or None)
+TARGETS = {"forward": (1.0, 0.8), "decode_b1": (1.5, 0.8), "decode_b8": (2.0, None),
+           "train": (1.3, 0.6)}
+
+
+def fraction_of_ceiling(p: BenchPreset, bench: str, seconds: float, ceilings: dict) -> float:
+    if bench in ("forward", "train"):
+        flops = p.cfg.flops_per_token(p.work.seq_len, training=bench == "train")
+        return flops * tokens_per_step(p, bench) / seconds / (ceilings["matmul_gflops"] * 1e9)
+    return decode_bytes_per_step(p, bench) / seconds / (ceilings["read_gbps"] * 1e9)
+
+
+def bench_entry(p: BenchPreset, bench: str, ours: dict, theirs: dict, ceilings: dict) -> dict:
+    """The JSON entry for one (preset, benchmark) pair."""
+    if "seconds" not in ours or "seconds" not in theirs:
+        return {"missing": ours.get("missing") or theirs.get("missing") or "not measured"}
+    n = tokens_per_step(p, bench)
+    entry = {
+        "ours_tokens_per_s": n / ours["seconds"],
+        "transformers_tokens_per_s": n / theirs["seconds"],
+        "ratio": theirs["seconds"] / ours["seconds"],
+        "fraction_of_ceiling": fraction_of_ceiling(p, bench, ours["seconds"], ceilings),
+        "compiles_after_warmup": ours["compiles_after_warmup"],
+        "ceiling_kind": "mfu" if bench in ("forward", "train") else "read_bandwidth",
+        "transformers_fraction_of_ceiling": fraction_of_ceiling(p, bench, theirs["seconds"],
+                                                                 ceilings),
+        "ours_compile_s": ours.get("compile_s"),
+        "ours_first_call_s": ours.get("first_call_s"),
+        "transformers_first_call_s": theirs.get("first_call_s"),
+    }
+    for key in ("ttft_s", "total_s"):
+        if key in ours:
+            entry[f"ours_{key}"] = ours[key]
+            entry[f"transformers_{key}"] = theirs[key]
+    if "tokens" in ours and "tokens" in theirs:
+        pairs = [(a, b) for ra, rb in zip(ours["tokens"], theirs["tokens"]) for a, b in zip(ra, rb)]
+        entry["greedy_tokens_agree"] = sum(a == b for a, b in pairs) / max(len(pairs), 1)
+    if "max_abs_logit_diff_vs_transformers" in ours:
+        entry["max_abs_logit_diff"] = ours["max_abs_logit_diff_vs_transformers"]
+    entry["meets_target"] = meets_target(bench, entry)
+    return entry
+
+
+def meets_target(bench: str, entry: dict) -> bool:
+    ratio, fraction = TARGETS[bench]
+    return (entry["ratio"] >= ratio and entry["compiles_after_warmup"] == 0
+            and (fraction is None or entry["fraction_of_ceiling"] >= fraction))
+
+
+def _target_text(bench: str) -> tuple[str, str]:
+    ratio, fraction = TARGETS[bench]
+    return f">={ratio:g}x", ("-" if fraction is None else f">={fraction:.0%}")
+
+
+def table(report: dict, presets: list[str]) -> str:
+    """A fixed-width console/Markdown table of every measured pair."""
+    head = ("| preset | benchmark | ours tok/s | transformers tok/s | ratio (target) "
+            "| fraction of ceiling (target) | TTFT ours / theirs | compile s "
+            "| recompiles | target met |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name in presets:
+        for bench, e in report.get(name, {}).items():
+            if "missing" in e:
+                lines.append(f"| {name} | {bench} | - | - | - | - | - | - | - | missing: {e['missing']} |")
+                continue
+            ratio_t, frac_t = _target_text(bench)
+            kind = "MFU" if e["ceiling_kind"] == "mfu" else "of read BW"
+            ttft = (f"{e['ours_ttft_s'] * 1e3:.0f} / {e['transformers_ttft_s'] * 1e3:.0f} ms"
+                    if "ours_ttft_s" in e else "-")
+            lines.append(
+                f"| {name} | {bench} | {e['ours_tokens_per_s']:.1f} "
+                f"| {e['transformers_tokens_per_s']:.1f} | {e['ratio']:.2f}x ({ratio_t}) "
+                f"| {e['fraction_of_ceiling']:.0%} {kind} ({frac_t}) | {ttft} "
+                f"| {e['ours_compile_s']:.1f} | {e['compiles_after_warmup']} "
+                f"| {'yes' if e['meets_target'] else 'NO'} |")
+    return "\n".join(lines)

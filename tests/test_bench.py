@@ -1,0 +1,129 @@
+"""The benchmark harness: an end-to-end smoke run on the tiny preset (1 repeat) that
+writes the JSON in the issue's shape, the accounting behind MFU and the decode bound,
+and bad input. No timing is asserted anywhere: only shapes, invariants and the check
+that both sides ran the same model (same logits, same greedy tokens)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from bench import report
+from bench.presets import BENCHMARKS, PRESETS, decode_bytes_per_step, tokens_per_step
+from meditron_jax import cli
+from meditron_jax.model import param_specs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--presets", "tiny", "--repeats", "1", "--no-plan",
+         "--ceiling-matmul-n", "512", "--ceiling-read-mib", "64",
+         "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_json_has_the_issue_shape(tiny_run):
+    data, _ = tiny_run
+    assert data["ceilings"]["matmul_gflops"] > 0 and data["ceilings"]["read_gbps"] > 0
+    assert data["machine"]["threads"] >= 1 and data["machine"]["cpu"]
+    assert set(data["tiny"]) == set(BENCHMARKS)
+    for bench, entry in data["tiny"].items():
+        for key in ("ours_tokens_per_s", "transformers_tokens_per_s", "ratio",
+                    "fraction_of_ceiling", "compiles_after_warmup"):
+            assert isinstance(entry[key], (int, float)), (bench, key)
+        assert entry["ratio"] == pytest.approx(
+            entry["ours_tokens_per_s"] / entry["transformers_tokens_per_s"])
+        # Warm-up compiles everything; the timed repeats must not compile again.
+        assert entry["compiles_after_warmup"] == 0, bench
+
+
+def test_both_sides_ran_the_same_model(tiny_run):
+    data, _ = tiny_run
+    assert data["tiny"]["forward"]["max_abs_logit_diff"] < 1e-4
+    for bench in ("decode_b1", "decode_b8"):
+        assert data["tiny"][bench]["greedy_tokens_agree"] == 1.0
+
+
+def test_console_table_lists_every_benchmark(tiny_run):
+    _, stdout = tiny_run
+    assert "ceilings: matmul" in stdout
+    for bench in BENCHMARKS:
+        assert f"| tiny | {bench} |" in stdout
+
+
+def test_mfu_is_model_flops_over_the_matmul_ceiling():
+    p = PRESETS["small"]
+    cfg = p.cfg
+    d, f, n, v = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    qkvo = 2 * d * (cfg.num_attention_heads * cfg.head_dim) + 2 * d * (
+        cfg.num_key_value_heads * cfg.head_dim)
+    # Independent count: 2 FLOPs per weight per token, plus causal QK^T and PV.
+    fwd = 2 * (n * (qkvo + 3 * d * f) + d * v) + 2 * n * cfg.num_attention_heads * cfg.head_dim * 512
+    tokens = 4 * 512
+    seconds = 2.0
+    ceil = {"matmul_gflops": 100.0, "read_gbps": 10.0}
+    assert tokens_per_step(p, "forward") == tokens
+    assert report.fraction_of_ceiling(p, "forward", seconds, ceil) == pytest.approx(
+        fwd * tokens / seconds / 100e9)
+    assert report.fraction_of_ceiling(p, "train", seconds, ceil) == pytest.approx(
+        3 * fwd * tokens / seconds / 100e9)
+
+
+def test_decode_bound_counts_weights_once_and_the_cache():
+    p = PRESETS["small"]
+    cfg = p.cfg
+    sizes = {k: math.prod(s.shape) for k, s in _flat(param_specs(cfg))}
+    for bench, b in (("decode_b1", 1), ("decode_b8", 8)):
+        weights = sum(sizes.values()) - sizes["embed"] + b * cfg.hidden_size
+        steps = np.arange(p.work.new_tokens)  # context after prefill: 128 + 0.5 .. 128 + 63.5
+        kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * b * (
+            p.work.prompt_len + np.mean(steps + 1))
+        assert decode_bytes_per_step(p, bench) == pytest.approx(4 * (weights + kv))
+
+
+def _flat(tree, prefix=""):
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _flat(v, f"{prefix}{k}/")
+        else:
+            yield k if not prefix else f"{prefix}{k}", v
+
+
+def test_missing_benchmark_is_reported_not_crashed():
+    entry = report.bench_entry(PRESETS["tiny"], "train", {"missing": "no train step"},
+                               {"seconds": 1.0}, {"matmul_gflops": 1, "read_gbps": 1})
+    assert entry == {"missing": "no train step"}
+    table = report.table({"tiny": {"train": entry}}, ["tiny"])
+    assert "missing: no train step" in table
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--presets", "huge"], "unknown huge"),
+    (["--benches", "forward,sprint"], "unknown sprint"),
+    (["--repeats", "0"], "--repeats must be >= 1"),
+    (["--threads", "999"], "--threads must be between 1 and"),
+    (["--json", "/no/such/dir/out.json"], "its directory does not exist"),
+])
+def test_bad_input_is_one_line(argv, message, capsys):
+    assert cli.main(["bench", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "--presets" in out and "small,medium" in out and "--repeats" in out
