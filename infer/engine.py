@@ -33,7 +33,7 @@ from meditron_jax.kvcache import CACHE_AXES, KVCache
 from meditron_jax.loading import LoadedModel
 from meditron_jax.model import abstract_params, check_token_ids, forward, logits_from_hidden
 from sharding import (INFER_RULES, Rules, activation_constrainer, check_batch, check_model_fits,
-                      param_shardings)
+                      param_shardings, tree_shardings)
 
 PAD_ID = 0
 MAX_STOP_IDS = 16       # stop ids live in a fixed-size array so their number never recompiles
@@ -180,12 +180,7 @@ class Placement:
         return None if self.mesh is None else self.rules.sharding(self.mesh, axes)
 
     def tree(self, axes_tree):
-        if self.mesh is None:
-            return None
-        is_axes = lambda x: isinstance(x, tuple) and all(a is None or isinstance(a, str)
-                                                         for a in x)
-        return jax.tree.map(lambda a: self.rules.sharding(self.mesh, a), axes_tree,
-                            is_leaf=is_axes)
+        return None if self.mesh is None else tree_shardings(axes_tree, self.mesh, self.rules)
 
     def params(self):
         return None if self.mesh is None else param_shardings(self.cfg, self.mesh, self.rules)
@@ -306,6 +301,13 @@ class Completion:
 TokenCallback = Callable[[int, list[int]], None]
 
 
+# Jitted functions shared by every runner with the same (config, mesh, rules, settings):
+# a command, the demo or an evaluation that builds several runners in one process
+# compiles each shape once. Small: an entry holds executables, not weights.
+_JITTED: dict[tuple, Callable] = {}
+_JITTED_MAX = 64
+
+
 class BatchRunner:
     """A loaded (possibly sharded) model run ``batch_size`` rows at a time: a short
     last batch is filled with idle rows, so every batch has one shape; with a mesh the
@@ -320,30 +322,35 @@ class BatchRunner:
         self.placement.check_fits(batch_size)
         self.dtype = dtype or model.params["embed"].dtype
         self.attention_impl = attention_impl
+        # A no-op when the model was loaded into these shardings (the usual case).
+        shardings = self.placement.params()
+        self.params = model.params if shardings is None else jax.device_put(model.params,
+                                                                            shardings)
+
+    def jitted(self, *key, build: Callable[[], Callable]) -> Callable:
+        """The jitted function for ``key`` under this runner's settings, built once."""
+        rules = self.placement.rules
+        full = (self.cfg, self.placement.mesh, rules.name, tuple(sorted(rules.table.items())),
+                jnp.dtype(self.dtype).name, self.attention_impl) + key
+        if full not in _JITTED:
+            if len(_JITTED) >= _JITTED_MAX:
+                _JITTED.pop(next(iter(_JITTED)))
+            _JITTED[full] = build()
+        return _JITTED[full]
 
 
 class Generator(BatchRunner):
     """Generate for lists of token-id prompts (see :meth:`generate`)."""
 
-    def __init__(self, model: LoadedModel, mesh: Mesh | None = None, batch_size: int = 8,
-                 **kwargs):
-        super().__init__(model, mesh, batch_size, **kwargs)
-        self._prefill: dict = {}
-        self._decode: dict = {}
-
     def prefill_fn(self, max_len: int, sampling: Sampling):
-        key = (max_len, sampling)
-        if key not in self._prefill:
-            self._prefill[key] = build_prefill(self.placement, max_len=max_len, sampling=sampling,
-                                               dtype=self.dtype, attention_impl=self.attention_impl)
-        return self._prefill[key]
+        return self.jitted("prefill", max_len, sampling, build=lambda: build_prefill(
+            self.placement, max_len=max_len, sampling=sampling, dtype=self.dtype,
+            attention_impl=self.attention_impl))
 
     def decode_fn(self, sampling: Sampling):
-        if sampling not in self._decode:
-            self._decode[sampling] = build_decode(self.placement, sampling=sampling,
-                                                  dtype=self.dtype,
-                                                  attention_impl=self.attention_impl)
-        return self._decode[sampling]
+        return self.jitted("decode", sampling, build=lambda: build_decode(
+            self.placement, sampling=sampling, dtype=self.dtype,
+            attention_impl=self.attention_impl))
 
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 128,
                  sampling: Sampling = Sampling(), seed: int = 0,
@@ -400,7 +407,7 @@ class Generator(BatchRunner):
         stops[:len(stop_ids)] = stop_ids
         put = self.placement.put
         state = self.prefill_fn(s, sampling)(
-            self.model.params, put(tokens, ("batch", "seq")), put(pad, ("batch",)),
+            self.params, put(tokens, ("batch", "seq")), put(pad, ("batch",)),
             put(budget, ("batch",)), put(row_seeds, ("batch",)),
             put(np.asarray(seed % (1 << 32), np.uint32), ()), put(stops, (None,)))
 
@@ -435,7 +442,7 @@ class Generator(BatchRunner):
                 return [done[r] for r in range(n)]
             if ended_by_string:  # take those rows out of the device loop too
                 state = dataclasses.replace(state, finish=put(finish, ("batch",)))
-            state = decode(self.model.params, state, put(np.asarray(chunk, np.int32), ()))
+            state = decode(self.params, state, put(np.asarray(chunk, np.int32), ()))
 
     def _stop_string_end(self, ids: list[int], start: int, stop_strings) -> tuple | None:
         """(number of tokens up to the one completing a stop string, the text before it),

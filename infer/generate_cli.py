@@ -14,6 +14,8 @@ import sys
 import time
 from typing import Any
 
+import jax
+
 from infer.cli_common import add_model_arguments, load_for_inference
 from infer.engine import Completion, Generator, fit_prompt
 from infer.sampling import Sampling
@@ -136,6 +138,8 @@ def _record(item: PromptItem, c: Completion) -> dict:
 
 
 def _print_records(records) -> None:
+    if jax.process_index() != 0:   # multi-host: every process has every result
+        return
     for r in records:
         print(json.dumps(r, ensure_ascii=False), flush=True)
 

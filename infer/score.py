@@ -79,23 +79,20 @@ class Scorer(BatchRunner):
     def __init__(self, model: LoadedModel, *, mesh: Mesh | None = None, batch_size: int = 8,
                  **kwargs):
         super().__init__(model, mesh, batch_size, **kwargs)
-        self._fns: dict[int, Any] = {}
 
     def score_fn(self, width: int):
         """jit(continuation_scores) for one continuation bucket (compiles per T bucket)."""
-        if width not in self._fns:
-            pl = self.placement
-            fn = functools.partial(continuation_scores, cfg=self.cfg, width=width,
-                                   dtype=self.dtype, constrain=pl.constrain,
-                                   attention_impl=self.attention_impl)
-            if pl.mesh is None:
-                self._fns[width] = jax.jit(fn)
-            else:
-                row = pl.sharding(("batch",))
-                self._fns[width] = jax.jit(
-                    fn, in_shardings=(pl.params(), pl.sharding(("batch", "seq")), row, row),
-                    out_shardings=(row, row))
-        return self._fns[width]
+        return self.jitted("score", width, build=lambda: self._build_score_fn(width))
+
+    def _build_score_fn(self, width: int):
+        pl = self.placement
+        fn = functools.partial(continuation_scores, cfg=self.cfg, width=width, dtype=self.dtype,
+                               constrain=pl.constrain, attention_impl=self.attention_impl)
+        if pl.mesh is None:
+            return jax.jit(fn)
+        row = pl.sharding(("batch",))
+        return jax.jit(fn, in_shardings=(pl.params(), pl.sharding(("batch", "seq")), row, row),
+                       out_shardings=(row, row))
 
     def check(self, request: ScoreRequest, *, truncate: bool = False) -> ScoreRequest:
         """Validate one request; with ``truncate``, drop context from the left to fit."""
@@ -147,7 +144,7 @@ class Scorer(BatchRunner):
             tokens[r, t - len(seq):] = seq
             pad[r], cont[r] = t - len(seq), len(req.continuation_ids)
         put = self.placement.put
-        logprob, greedy = self.score_fn(width)(self.model.params, put(tokens, ("batch", "seq")),
+        logprob, greedy = self.score_fn(width)(self.params, put(tokens, ("batch", "seq")),
                                                put(pad, ("batch",)), put(cont, ("batch",)))
         logprob, greedy = to_host(logprob), to_host(greedy)
         return [ScoreResult(id=req.id, logprob=float(logprob[r]),

@@ -3,7 +3,9 @@
 Results are appended batch by batch (flush + fsync), so a kill loses at most the batch
 in flight. A rerun of the same command drops a torn last line, skips every id already
 in the output, and never writes an id twice. An exclusive lock on the output file
-keeps two runs from appending to it at once.
+keeps two runs from appending to it at once. On a multi-host run every process reads
+the output (all must agree on what is left to do: they run the same batches) and only
+process 0 writes it.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import json
 import os
 import time
 from typing import Any, Callable, Iterable, Sequence
+
+import jax
 
 from meditron_jax.errors import UserError
 from meditron_jax.jsonl import JsonlAppender, drop_torn_tail, read_jsonl
@@ -58,20 +62,24 @@ def read_requests(path: str, parse: Callable[[dict, str], Any]) -> list:
 
 
 class ResumableOutput:
-    """The append-only output of a sweep and the set of ids it already holds."""
+    """The append-only output of a sweep and the set of ids it already holds.
+    ``writer=None`` means "this is process 0"; a non-writer only reads."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, writer: bool | None = None):
         self.path = path
-        self._appender = JsonlAppender(path)
-        try:
-            fcntl.flock(self._appender.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._appender.close()
-            raise UserError(f"{path}: another run is writing this file; wait for it or "
-                            "choose another --out") from None
-        self.dropped_bytes = drop_torn_tail(path)
+        self._appender = None
+        if writer if writer is not None else jax.process_index() == 0:
+            self._appender = JsonlAppender(path)
+            try:
+                fcntl.flock(self._appender.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                self._appender.close()
+                raise UserError(f"{path}: another run is writing this file; wait for it or "
+                                "choose another --out") from None
+            drop_torn_tail(path)
         self.done: set[str] = set()
-        for line_no, record in read_jsonl(path):
+        lines = read_jsonl(path, skip_torn_tail=True) if os.path.exists(path) else []
+        for line_no, record in lines:
             key = id_key(check_id(record, f"{path}:{line_no} (existing output)"))
             if key in self.done:
                 raise UserError(f"{path}:{line_no}: id {key} appears twice in the existing "
@@ -83,11 +91,13 @@ class ResumableOutput:
         again = [k for k in keys if k in self.done]
         if again or len(set(keys)) != len(keys):
             raise RuntimeError(f"refusing to write ids twice: {again or keys}")
-        self._appender.write(records)
+        if self._appender is not None:
+            self._appender.write(records)
         self.done.update(keys)
 
     def close(self) -> None:
-        self._appender.close()
+        if self._appender is not None:
+            self._appender.close()
 
     def __enter__(self) -> "ResumableOutput":
         return self

@@ -14,8 +14,10 @@ from typing import Any, Iterable, Iterator
 from meditron_jax.errors import UserError
 
 
-def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
-    """Yield ``(line_number, value)`` for every non-blank line (1-based numbers)."""
+def iter_jsonl(path: str | os.PathLike, *,
+               skip_torn_tail: bool = False) -> Iterator[tuple[int, Any]]:
+    """Yield ``(line_number, value)`` for every non-blank line (1-based numbers);
+    with ``skip_torn_tail``, an unterminated last line is ignored (see drop_torn_tail)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file; give a JSONL file (one JSON object per line)")
@@ -27,7 +29,7 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
             except UnicodeDecodeError:
                 raise UserError(f"{path}:{line_no + 1}: not UTF-8 text; save the file as "
                                 "UTF-8 JSONL") from None
-            if not line:
+            if not line or (skip_torn_tail and not line.endswith("\n")):
                 return
             line_no += 1
             if not line.strip():
@@ -39,10 +41,11 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
                                 f"{exc.colno}); fix or remove that line") from None
 
 
-def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
+def read_jsonl(path: str | os.PathLike, *,
+               skip_torn_tail: bool = False) -> list[tuple[int, dict]]:
     """All lines of ``path`` as ``(line_number, object)``; every line must be an object."""
     out = []
-    for line_no, value in iter_jsonl(path):
+    for line_no, value in iter_jsonl(path, skip_torn_tail=skip_torn_tail):
         if not isinstance(value, dict):
             raise UserError(f"{os.fspath(path)}:{line_no}: expected a JSON object "
                             f"({{...}}), got {type(value).__name__}")

@@ -32,8 +32,9 @@ def allowed_top_p(logits: np.ndarray, p: float, tol: float = 1e-5) -> np.ndarray
     return mass_above < p + tol
 
 
-logit_rows = st.lists(st.floats(-8, 8, allow_nan=False, width=32), min_size=B * V,
-                      max_size=B * V).map(lambda v: np.asarray(v, np.float32).reshape(B, V))
+# No subnormals: XLA on CPU flushes them to zero, a float edge no real logit reaches.
+logit_rows = st.lists(st.floats(-8, 8, allow_nan=False, allow_subnormal=False, width=32),
+                      min_size=B * V, max_size=B * V).map(lambda v: np.asarray(v, np.float32).reshape(B, V))
 
 
 @settings(max_examples=40, deadline=None)

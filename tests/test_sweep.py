@@ -82,14 +82,14 @@ def test_sigkill_midway_then_rerun_gives_each_id_once(tiny_hf_dir, tmp_path):
 def test_sampled_sweep_resumes_to_the_same_samples(tiny_hf_dir, tmp_path):
     """Each prompt's random stream comes from its id, so a resumed sampled sweep (other
     batches, other neighbours) matches the uninterrupted one."""
-    src = _write(tmp_path / "p.jsonl", PROMPTS[:6])
+    src = _write(tmp_path / "p.jsonl", PROMPTS[:4])
     full, part = tmp_path / "full.jsonl", tmp_path / "part.jsonl"
     sampling = ["--temperature", "0.9", "--top-k", "40", "--top-p", "0.95", "--seed", "3"]
-    args = ["generate", "--model", tiny_hf_dir, "--prompts", src, "--max-new-tokens", "8",
+    args = ["generate", "--model", tiny_hf_dir, "--prompts", src, "--max-new-tokens", "6",
             "--batch-size", "2"] + sampling
     assert cli.main(args + ["--out", str(full)]) == 0
     lines = full.read_text().splitlines(keepends=True)
-    part.write_text(lines[3] + lines[0])
+    part.write_text(lines[2] + lines[0])
     assert cli.main(args + ["--out", str(part)]) == 0
     assert sorted(_rows(part), key=lambda r: r["id"]) == sorted(_rows(full),
                                                                key=lambda r: r["id"])
@@ -160,3 +160,18 @@ def test_resumable_output_refuses_a_second_writer_and_corrupt_files(tmp_path):
     assert path.read_text() == '{"id": 1}\nnot json\n{"id": 2}\n'   # left for the user
     with pytest.raises(UserError, match="does not exist"):
         ResumableOutput(str(tmp_path / "no" / "dir.jsonl"))
+
+
+def test_a_non_writer_process_reads_without_touching_the_file(tmp_path):
+    """Multi-host: processes other than 0 see the same done ids and write nothing."""
+    path = tmp_path / "o.jsonl"
+    text = '{"id": "a"}\n{"id": "b"}\n{"id": "c", "v'
+    path.write_text(text)
+    with ResumableOutput(str(path), writer=False) as out:
+        assert out.done == {id_key("a"), id_key("b")}
+        out.write([{"id": "c"}])
+        assert id_key("c") in out.done
+    assert path.read_text() == text
+    with ResumableOutput(str(path), writer=True) as out:
+        assert out.done == {id_key("a"), id_key("b")}
+    assert path.read_text() == '{"id": "a"}\n{"id": "b"}\n'
