@@ -95,6 +95,11 @@ def _registry():
                 self._write(values, infos, args), name="streamed_array")]
 
         async def _write(self, values, infos, args):
+            # Orbax's context caches up to 100 MB of OCDBT data, useless when writing
+            # once; a context of our own keeps none. Safe because this handler is the
+            # only writer of the checkpoint (save_params refuses mixed trees).
+            context = ts.Context({"file_io_concurrency": {"limit": 64},
+                                  "cache_pool#ocdbt": {"total_bytes_limit": 0}})
             for value, info, arg in zip(values, infos, args):
                 await info.await_path_creation()
                 ocdbt = bool(info.is_ocdbt_checkpoint)
@@ -102,8 +107,7 @@ def _registry():
                     info, use_ocdbt=ocdbt, global_shape=value.shape,
                     local_shape=value.chunk_shape, dtype=value.dtype,
                     process_index=jax.process_index() if ocdbt else None, arg=arg)
-                store = await ts.open(ts.Spec(spec), create=True, open=True,
-                                      context=info.ts_context)
+                store = await ts.open(ts.Spec(spec), create=True, open=True, context=context)
                 for index, block in value.blocks():
                     # The block is not touched again: tensorstore may read it in place.
                     await store[index].write(block, can_reference_source_data_indefinitely=True)
@@ -155,6 +159,9 @@ def save_params(path: str | os.PathLike, cfg: LlamaConfig, params, *,
     generation files are copied from ``source_dir`` when given."""
     path = os.path.abspath(os.fspath(path))
     _check_tree(params, cfg, path)
+    streamed = [isinstance(x, StreamedArray) for x in jax.tree.leaves(params)]
+    if any(streamed) and not all(streamed):
+        raise ValueError("save_params: StreamedArray leaves cannot be mixed with arrays")
     lead = jax.process_index() == 0
     barrier = _barrier if jax.process_count() > 1 else None
     with atomic.staged_dir(path, lead=lead, barrier=barrier) as staging:

@@ -43,11 +43,19 @@ class Result:
     def line(self) -> str:
         return (f"{self.verb} {self.tensors} tensors ({self.nbytes / 1e9:.2f} GB) from "
                 f"{self.source} to {self.out} in {self.seconds:.1f} s; peak RSS "
-                f"{peak_rss_bytes() / 2**30:.2f} GiB")
+                f"{peak_rss_bytes() / 2**20:.0f} MiB")
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set (Linux reports KiB, macOS bytes)."""
+    """This process's peak resident set: VmHWM on Linux (``ru_maxrss`` would also count
+    the image of whatever process forked us, from before exec), else getrusage."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 

@@ -266,3 +266,17 @@ def test_expected_keys_cover_every_plan():
     cfg = LlamaConfig.from_hf(dict(hf_fixtures.TINY_HF))
     names = {n for n, _, _ in tensor_blocks.iter_hf_tensors(tensor_blocks.plan(cfg), cfg.num_hidden_layers)}
     assert names == set(expected_hf_keys(cfg))
+
+
+def test_staged_dir_multi_process_roles(tmp_path):
+    """Every process writes into the same staging directory; only the lead creates,
+    swaps and cleans it, and all meet at the barriers."""
+    dest, calls = tmp_path / "ckpt", []
+    with atomic.staged_dir(dest, lead=True, barrier=calls.append) as staging:
+        with atomic.staged_dir(dest, lead=False, barrier=calls.append) as other:
+            assert other == staging and os.path.isdir(staging)
+            open(os.path.join(other, "shard1"), "w").write("from process 1")
+        assert not dest.exists()  # a non-lead never swaps
+        open(os.path.join(staging, "shard0"), "w").write("from process 0")
+    assert sorted(os.listdir(dest)) == ["shard0", "shard1"]
+    assert [c.split(":")[1] for c in calls] == ["start", "start", "written", "done", "written", "done"]
