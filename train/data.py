@@ -101,8 +101,8 @@ def read_records(files, dcfg: DataSection, process_index: int = 0,
 class ExampleBuilder(gx.FlatMapTransform):
     """Record -> one or more examples ``{"inputs", "targets", "weights"}`` of <= seq_len."""
 
-    def __init__(self, tokenizer, eos_id: int, dcfg: DataSection):
-        self.tokenizer, self.eos_id, self.dcfg = tokenizer, eos_id, dcfg
+    def __init__(self, tokenizer, eos_id: int, dcfg: DataSection, name: str = "train"):
+        self.tokenizer, self.eos_id, self.dcfg, self.name = tokenizer, eos_id, dcfg, name
         self.counts = {"examples": 0, "overlong": 0, "dropped_tokens": 0}
 
     def ids_and_weights(self, record) -> tuple[list[int], list[float]]:
@@ -125,8 +125,8 @@ class ExampleBuilder(gx.FlatMapTransform):
         if n > seq:
             self.counts["overlong"] += 1
             if self.counts["overlong"] == 1:
-                log.warning("data: an example has %d tokens > seq_len=%d; %s (data.overlong); "
-                            "the run summary counts them", n, seq,
+                log.warning("%s data: an example has %d tokens > seq_len=%d; %s (data.overlong); "
+                            "the run summary counts them", self.name, n, seq,
                             "splitting" if self.dcfg.overlong == "split" else "truncating")
             if self.dcfg.overlong == "truncate":
                 self.counts["dropped_tokens"] += n - seq
@@ -146,8 +146,8 @@ class Loader:
     ``inputs, targets, weights, segment_ids, positions`` of shape [local_batch, seq_len]."""
 
     def __init__(self, records: list, tokenizer, eos_id: int, dcfg: DataSection,
-                 local_batch: int, shuffle: bool | None = None):
-        self.builder = ExampleBuilder(tokenizer, eos_id, dcfg)
+                 local_batch: int, shuffle: bool | None = None, name: str = "train"):
+        self.builder = ExampleBuilder(tokenizer, eos_id, dcfg, name)
         ds = grain.MapDataset.source(records)
         if dcfg.shuffle if shuffle is None else shuffle:
             ds = ds.shuffle(seed=dcfg.seed)

@@ -142,8 +142,11 @@ def run_training(run: RunConfig) -> dict:
     try:
         with Preemption() as preemption:
             for step in range(start + 1, run.train.steps + 1):
+                throughput.start()
                 state, metrics = train_step(state, _global(next(data.train), bsh))
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                # the first step of a process includes compilation: not a throughput
+                rate = throughput.stop(m["tokens"]) if step > start + 1 else None
                 if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
                     ckpt.wait()
                     raise TrainingDiverged(
@@ -151,8 +154,7 @@ def run_training(run: RunConfig) -> dict:
                         f"without saving it. Last good checkpoint: step {ckpt.last_saved} in "
                         f"{ckpt.directory}; lower optim.lr or set optim.clip_norm and rerun "
                         "(it resumes from there)")
-                rate, mfu = throughput.update(m["tokens"])
-                last = {"step": step, **m, "tokens_per_s": rate, "mfu": mfu,
+                last = {"step": step, **m, "tokens_per_s": rate, "mfu": throughput.mfu(rate),
                         "data_overlong": data.train.counts["overlong"]}
                 if rate is not None:
                     rates.append(rate)
@@ -176,7 +178,9 @@ def run_training(run: RunConfig) -> dict:
                     preempted = True
                     break
         ckpt.wait()
-        return _finish(run, out, state, lcfg, ckpt, writer, last, rates, start, step, preempted, data)
+        rate = float(np.median(rates)) if rates else None
+        return _finish(run, out, state, lcfg, ckpt, writer, last, start, step, preempted, data,
+                       rate, throughput.mfu(rate))
     finally:
         writer.close()
         ckpt.close()
@@ -202,7 +206,8 @@ def _line(r: dict) -> str:
     return "  ".join(parts)
 
 
-def _finish(run, out, state, lcfg, ckpt, writer, last, rates, start, step, preempted, data) -> dict:
+def _finish(run, out, state, lcfg, ckpt, writer, last, start, step, preempted, data,
+            rate, mfu) -> dict:
     adapter = None
     if lcfg is not None and jax.process_index() == 0 and not preempted:
         adapter = save_adapters(jax.device_get(state.params), lcfg, os.path.join(out, "adapter"),
@@ -219,7 +224,7 @@ def _finish(run, out, state, lcfg, ckpt, writer, last, rates, start, step, preem
     summary = {
         "steps": step, "start_step": start, "total_steps": run.train.steps, "preempted": preempted,
         "final_loss": last.get("loss"), "final_eval_loss": last.get("eval_loss"),
-        "tokens_per_s": float(np.median(rates)) if rates else None, "mfu": last.get("mfu"),
+        "tokens_per_s": rate, "mfu": mfu,
         "metrics": writer.path, "loss_plot": plot, "tensorboard": writer.tb_dir,
         "checkpoints": ckpt.directory, "latest_checkpoint": ckpt.latest_step(),
         "adapter": adapter, "output_dir": out, "data": counts,

@@ -35,23 +35,23 @@ def peak_flops(device, cpu_peak: float) -> float | None:
 
 
 class Throughput:
-    """Tokens/s and MFU over the steps since the last call (the first, compiling,
-    step is not counted)."""
+    """Tokens/s and MFU of each step, timed from fetching its batch to reading its
+    metrics (evals and checkpoint saves in between are not counted)."""
 
     def __init__(self, flops_per_token: float, num_devices: int, peak: float | None):
         self.flops_per_token, self.num_devices, self.peak = flops_per_token, num_devices, peak
-        self._t: float | None = None
-        self._tokens = 0.0
+        self._t = 0.0
 
-    def update(self, tokens: float) -> tuple[float | None, float | None]:
-        now = time.perf_counter()
-        if self._t is None:
-            self._t = now
-            return None, None
-        rate = tokens / max(now - self._t, 1e-9)
-        self._t = now
-        mfu = rate * self.flops_per_token / (self.peak * self.num_devices) if self.peak else None
-        return rate, mfu
+    def start(self) -> None:
+        self._t = time.perf_counter()
+
+    def stop(self, tokens: float) -> float:
+        return tokens / max(time.perf_counter() - self._t, 1e-9)
+
+    def mfu(self, rate: float | None) -> float | None:
+        if rate is None or not self.peak:
+            return None
+        return rate * self.flops_per_token / (self.peak * self.num_devices)
 
 
 class MetricsWriter:

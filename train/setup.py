@@ -136,7 +136,7 @@ def make_data(run: RunConfig, tok: Tokenizer, eos: int) -> Data:
     eval_batches = []
     if run.data.eval_file:
         held_out = read_records([run.data.eval_file], run.data, pid, n_proc)
-        eval_loader = Loader(held_out, tok, eos, run.data, local, shuffle=False)
+        eval_loader = Loader(held_out, tok, eos, run.data, local, shuffle=False, name="eval")
         eval_batches = fixed_batches(eval_loader, run.log.eval_batches)
     return Data(Loader(records, tok, eos, run.data, local), eval_batches, local)
 
