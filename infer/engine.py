@@ -30,25 +30,16 @@ from infer.sampling import Sampling, sample
 from meditron_jax.config import LlamaConfig
 from meditron_jax.errors import UserError
 from meditron_jax.kvcache import CACHE_AXES, KVCache
-from meditron_jax.loading import LoadedModel
 from meditron_jax.model import abstract_params, check_token_ids, forward, logits_from_hidden
-from sharding import (INFER_RULES, Rules, activation_constrainer, check_batch, check_model_fits,
-                      param_shardings, tree_shardings)
+from infer.runner import PAD_ID, BatchRunner, Placement, bucket_length, to_host
+from sharding import INFER_RULES, Rules
 
-PAD_ID = 0
 MAX_STOP_IDS = 16       # stop ids live in a fixed-size array so their number never recompiles
-MIN_BUCKET = 16
 STREAM_CHUNK = 1        # decode steps per host round trip when streaming tokens
 STOP_STRING_CHUNK = 16  # ... when stop strings must be checked on the host
 RUNNING, STOPPED, LENGTH = 0, 1, 2
 FINISH_REASONS = {STOPPED: "stop", LENGTH: "length"}
 RNG_IMPL = "threefry2x32"  # fixed, so a seed means the same tokens whatever jax's default
-
-
-def bucket_length(n: int, *, minimum: int = MIN_BUCKET, cap: int | None = None) -> int:
-    """Next power of two >= n (at least ``minimum``), clipped to ``cap``."""
-    size = max(minimum, 1 << max(0, int(n) - 1).bit_length())
-    return min(size, cap) if cap is not None else size
 
 
 @jax.tree_util.register_dataclass
@@ -163,49 +154,7 @@ def decode(params, state: DecodeState, num_steps, **step_kwargs) -> DecodeState:
     return state
 
 
-# ---- placement and jitting ------------------------------------------------------------------
-class Placement:
-    """Where arrays live: the mesh + rule table, or the default device when no mesh.
-
-    Host arrays go in with ``make_array_from_callback`` (each process supplies only its
-    addressable shards, so this also works on a multi-host pod) and come back with a
-    process all-gather when not fully addressable.
-    """
-
-    def __init__(self, cfg: LlamaConfig, mesh: Mesh | None, rules: Rules = INFER_RULES):
-        self.cfg, self.mesh, self.rules = cfg, mesh, rules
-        self.constrain = activation_constrainer(mesh, rules) if mesh is not None else None
-
-    def sharding(self, axes: tuple):
-        return None if self.mesh is None else self.rules.sharding(self.mesh, axes)
-
-    def tree(self, axes_tree):
-        return None if self.mesh is None else tree_shardings(axes_tree, self.mesh, self.rules)
-
-    def params(self):
-        return None if self.mesh is None else param_shardings(self.cfg, self.mesh, self.rules)
-
-    def put(self, array: np.ndarray, axes: tuple) -> jax.Array:
-        array = np.asarray(array)
-        if self.mesh is None:
-            return jnp.asarray(array)
-        return jax.make_array_from_callback(array.shape, self.sharding(axes),
-                                            lambda index: array[index])
-
-    def check_fits(self, batch_size: int) -> None:
-        """The model's dims and the batch divide over the mesh (clear errors early)."""
-        if self.mesh is not None:
-            check_model_fits(self.cfg, self.mesh, self.rules)
-            check_batch(batch_size, self.mesh, self.rules)
-
-
-def to_host(x: jax.Array) -> np.ndarray:
-    if getattr(x, "is_fully_addressable", True):
-        return np.asarray(x)
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
+# ---- jitting ----------------------------------------------------------------------------------
 def _jit(fn, placement: Placement, in_axes: tuple | None, out_axes, donate=()):
     if placement.mesh is None:
         return jax.jit(fn, donate_argnums=donate)
@@ -299,44 +248,6 @@ class Completion:
 
 
 TokenCallback = Callable[[int, list[int]], None]
-
-
-# Jitted functions shared by every runner with the same (config, mesh, rules, settings):
-# a command, the demo or an evaluation that builds several runners in one process
-# compiles each shape once. Small: an entry holds executables, not weights.
-_JITTED: dict[tuple, Callable] = {}
-_JITTED_MAX = 64
-
-
-class BatchRunner:
-    """A loaded (possibly sharded) model run ``batch_size`` rows at a time: a short
-    last batch is filled with idle rows, so every batch has one shape; with a mesh the
-    batch must divide by the ``data`` axis. Compute dtype defaults to the weights'."""
-
-    def __init__(self, model: LoadedModel, mesh: Mesh | None = None, batch_size: int = 8, *,
-                 rules: Rules = INFER_RULES, dtype=None, attention_impl: str | None = None):
-        if batch_size < 1:
-            raise UserError(f"--batch-size must be >= 1, got {batch_size}")
-        self.model, self.cfg, self.batch_size = model, model.cfg, batch_size
-        self.placement = Placement(model.cfg, mesh, rules)
-        self.placement.check_fits(batch_size)
-        self.dtype = dtype or model.params["embed"].dtype
-        self.attention_impl = attention_impl
-        # A no-op when the model was loaded into these shardings (the usual case).
-        shardings = self.placement.params()
-        self.params = model.params if shardings is None else jax.device_put(model.params,
-                                                                            shardings)
-
-    def jitted(self, *key, build: Callable[[], Callable]) -> Callable:
-        """The jitted function for ``key`` under this runner's settings, built once."""
-        rules = self.placement.rules
-        full = (self.cfg, self.placement.mesh, rules.name, tuple(sorted(rules.table.items())),
-                jnp.dtype(self.dtype).name, self.attention_impl) + key
-        if full not in _JITTED:
-            if len(_JITTED) >= _JITTED_MAX:
-                _JITTED.pop(next(iter(_JITTED)))
-            _JITTED[full] = build()
-        return _JITTED[full]
 
 
 class Generator(BatchRunner):

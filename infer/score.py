@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from infer.engine import PAD_ID, BatchRunner, bucket_length, to_host
+from infer.runner import PAD_ID, BatchRunner, bucket_length, to_host
 from meditron_jax.errors import UserError
 from meditron_jax.loading import LoadedModel
 from meditron_jax.model import check_token_ids, forward, logits_from_hidden, token_log_probs

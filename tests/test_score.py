@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import sharding
-from infer import engine
+from infer import runner
 from infer.score import ScoreRequest, Scorer, encode_pair
 from meditron_jax import cli
 from meditron_jax.errors import UserError
@@ -27,7 +27,7 @@ REQUESTS = [
 
 def compiled() -> int:
     """Executables compiled so far by every runner in this process."""
-    return sum(fn._cache_size() for fn in engine._JITTED.values())
+    return sum(fn._cache_size() for fn in runner._JITTED.values())
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,110 @@
+"""Running a loaded model in fixed-shape batches on a mesh (or one device).
+
+Shared by generation (:mod:`infer.engine`) and scoring (:mod:`infer.score`): where
+arrays live (the inference rule table over ``--mesh``), host <-> device transfers that
+also work on a multi-host pod, length buckets, and one cache of jitted functions per
+(config, mesh, rules, settings), so every runner built in a process reuses executables.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from meditron_jax.config import LlamaConfig
+from meditron_jax.errors import UserError
+from meditron_jax.loading import LoadedModel
+from sharding import (INFER_RULES, Rules, activation_constrainer, check_batch, check_model_fits,
+                      param_shardings, tree_shardings)
+
+PAD_ID = 0
+MIN_BUCKET = 16
+
+
+def bucket_length(n: int, *, minimum: int = MIN_BUCKET, cap: int | None = None) -> int:
+    """Next power of two >= n (at least ``minimum``), clipped to ``cap``."""
+    size = max(minimum, 1 << max(0, int(n) - 1).bit_length())
+    return min(size, cap) if cap is not None else size
+
+
+class Placement:
+    """Where arrays live: the mesh + rule table, or the default device when no mesh.
+
+    Host arrays go in with ``make_array_from_callback`` (each process supplies only its
+    addressable shards, so this also works on a multi-host pod) and come back with a
+    process all-gather when not fully addressable.
+    """
+
+    def __init__(self, cfg: LlamaConfig, mesh: Mesh | None, rules: Rules = INFER_RULES):
+        self.cfg, self.mesh, self.rules = cfg, mesh, rules
+        self.constrain = activation_constrainer(mesh, rules) if mesh is not None else None
+
+    def sharding(self, axes: tuple):
+        return None if self.mesh is None else self.rules.sharding(self.mesh, axes)
+
+    def tree(self, axes_tree):
+        return None if self.mesh is None else tree_shardings(axes_tree, self.mesh, self.rules)
+
+    def params(self):
+        return None if self.mesh is None else param_shardings(self.cfg, self.mesh, self.rules)
+
+    def put(self, array: np.ndarray, axes: tuple) -> jax.Array:
+        array = np.asarray(array)
+        if self.mesh is None:
+            return jnp.asarray(array)
+        return jax.make_array_from_callback(array.shape, self.sharding(axes),
+                                            lambda index: array[index])
+
+    def check_fits(self, batch_size: int) -> None:
+        """The model's dims and the batch divide over the mesh (clear errors early)."""
+        if self.mesh is not None:
+            check_model_fits(self.cfg, self.mesh, self.rules)
+            check_batch(batch_size, self.mesh, self.rules)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+# Jitted functions shared by every runner with the same (config, mesh, rules, settings):
+# a command, the demo or an evaluation that builds several runners in one process
+# compiles each shape once. Small: an entry holds executables, not weights.
+_JITTED: dict[tuple, Callable] = {}
+_JITTED_MAX = 64
+
+
+class BatchRunner:
+    """A loaded (possibly sharded) model run ``batch_size`` rows at a time: a short
+    last batch is filled with idle rows, so every batch has one shape; with a mesh the
+    batch must divide by the ``data`` axis. Compute dtype defaults to the weights'."""
+
+    def __init__(self, model: LoadedModel, mesh: Mesh | None = None, batch_size: int = 8, *,
+                 rules: Rules = INFER_RULES, dtype=None, attention_impl: str | None = None):
+        if batch_size < 1:
+            raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+        self.model, self.cfg, self.batch_size = model, model.cfg, batch_size
+        self.placement = Placement(model.cfg, mesh, rules)
+        self.placement.check_fits(batch_size)
+        self.dtype = dtype or model.params["embed"].dtype
+        self.attention_impl = attention_impl
+        # A no-op when the model was loaded into these shardings (the usual case).
+        shardings = self.placement.params()
+        self.params = model.params if shardings is None else jax.device_put(model.params,
+                                                                            shardings)
+
+    def jitted(self, *key, build: Callable[[], Callable]) -> Callable:
+        """The jitted function for ``key`` under this runner's settings, built once."""
+        rules = self.placement.rules
+        full = (self.cfg, self.placement.mesh, rules.name, tuple(sorted(rules.table.items())),
+                jnp.dtype(self.dtype).name, self.attention_impl) + key
+        if full not in _JITTED:
+            if len(_JITTED) >= _JITTED_MAX:
+                _JITTED.pop(next(iter(_JITTED)))
+            _JITTED[full] = build()
+        return _JITTED[full]
