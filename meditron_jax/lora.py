@@ -18,12 +18,12 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from meditron_jax import atomic
 from meditron_jax.config import LlamaConfig
 from meditron_jax.errors import UserError
 
@@ -133,18 +133,9 @@ def save_adapters(adapters: dict, lcfg: LoraConfig, path: str | os.PathLike,
         "target_modules": sorted(TARGETS[t][0].split(".")[-1] for t in lcfg.targets),
         "base_model_name_or_path": base_model,
     }
-    tmp = path.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_file(tensors, os.path.join(tmp, WEIGHTS_FILE))
-    with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2)
-    old = path.rstrip("/") + ".old"
-    if os.path.exists(path):
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(path, old)
-    os.rename(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic.staged_dir(path) as staging:
+        save_file(tensors, os.path.join(staging, WEIGHTS_FILE))
+        atomic.write_json(os.path.join(staging, CONFIG_FILE), config)
     return path
 
 

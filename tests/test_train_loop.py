@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+from meditron_jax.tokenizer import Tokenizer
 from tests.train_support import CORPUS, tiny_run
 from train.config import DataSection
 from train.data import read_records
@@ -37,7 +38,6 @@ def learned(tmp_path_factory):
                    checkpoint={"every": 100},
                    log={"eval_every": 100, "eval_batches": 2, "plot": True, "tensorboard": True})
     summary = run_training(run)
-    from meditron_jax.tokenizer import Tokenizer
     tok = Tokenizer.from_dir(os.path.join(summary["output_dir"], "tokenizer"))
     return summary, unigram_entropy(tok, docs[:-1])
 
@@ -71,6 +71,25 @@ def test_run_artifacts(learned):
     assert events and events[0].startswith("events.out.tfevents")
     assert summary["tokens_per_s"] > 0 and summary["latest_checkpoint"] == 200
     assert sorted(os.listdir(summary["checkpoints"])) == ["100", "200"]
+
+
+def test_final_model_is_a_native_checkpoint_that_loads(learned):
+    """What generate/score/export and a later run's model.init_from read."""
+    import jax
+    from meditron_jax.loading import load_model
+    from meditron_jax.model import abstract_params
+    from train.checkpoints import Checkpointer
+    summary, _ = learned
+    loaded = load_model(summary["model"])
+    assert loaded.kind == "native" and loaded.tokenizer is not None
+    assert loaded.tokenizer.encode("malaria") == Tokenizer.from_dir(
+        os.path.join(summary["output_dir"], "tokenizer")).encode("malaria")
+    ckpt = Checkpointer(summary["checkpoints"], keep=2)
+    last = ckpt.restore_params(200, abstract_params(loaded.cfg), jax.tree.map(
+        lambda x: x.sharding, loaded.params))
+    ckpt.close()
+    for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(last)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -7,10 +7,9 @@ embedding small. The result is an ordinary ``tokenizer.json`` directory that
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
 
+from meditron_jax import atomic
 from meditron_jax.errors import UserError
 
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
@@ -42,13 +41,9 @@ def train_bpe(texts: list[str], vocab_size: int, out_dir: str) -> str:
         vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS], show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
-    tmp = out_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    tok.save(os.path.join(tmp, "tokenizer.json"))
-    with open(os.path.join(tmp, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump({"bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
-                   "add_bos_token": True}, f, indent=2)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.rename(tmp, out_dir)
+    with atomic.staged_dir(out_dir) as staging:
+        tok.save(os.path.join(staging, "tokenizer.json"))
+        atomic.write_json(os.path.join(staging, "tokenizer_config.json"),
+                          {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
+                           "add_bos_token": True})
     return out_dir

@@ -33,6 +33,7 @@ class ModelSection:
     compute_dtype: str = "bfloat16"
     remat: str = "full"
     attention_impl: str | None = None    # None: let JAX pick; "cudnn" on H100; "einsum"
+    loss_chunk: int = 1024               # positions per logits chunk in the loss (memory knob)
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,7 @@ def validate(cfg: RunConfig) -> None:
     _choice("optim.decay", o.decay, ("cosine", "linear", "constant"))
     _choice("train.rules", t.rules, ("train", "infer"))
     for name, value in (("data.seq_len", d.seq_len), ("data.packing_bins", d.packing_bins),
+                        ("model.loss_chunk", m.loss_chunk),
                         ("train.steps", t.steps), ("train.batch_size", t.batch_size),
                         ("train.grad_accum", t.grad_accum), ("checkpoint.every", c.every),
                         ("checkpoint.keep", c.keep), ("log.every", log.every),
@@ -187,7 +189,7 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str
                 raw = yaml.safe_load(f) or {}
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
+            where = f"{mark.line + 1}:" if mark else ""
             raise UserError(f"{path}:{where} malformed YAML ({getattr(exc, 'problem', exc)})") from None
         if not isinstance(raw, dict):
             raise UserError(f"{path}: a run config is a mapping of sections, got {type(raw).__name__}")

@@ -4,12 +4,14 @@ One jitted, donated ``train_step`` per optimizer step; a checkpoint every
 ``checkpoint.every`` steps and at the end; automatic resume from the latest checkpoint
 in ``output_dir``; SIGTERM saves at the current step and returns (exit 0); a
 non-finite loss stops the run naming the step, without saving over the last good
-checkpoint. Metrics are read back every step: that host sync is also what lets a
+checkpoint. At the end the trained params are written as a native checkpoint
+(``output_dir/model``: what generate, score, export and a later run's
+``model.init_from`` read), or under LoRA the adapters (``output_dir/adapter``, PEFT
+layout). Metrics are read back every step: that host sync is also what lets a
 NaN be caught before it reaches a checkpoint.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -17,6 +19,7 @@ import time
 import jax
 import numpy as np
 
+from meditron_jax import atomic
 from meditron_jax.errors import UserError
 from meditron_jax.lora import init_lora, save_adapters
 from meditron_jax.model import abstract_params
@@ -38,13 +41,6 @@ STALL_ENV = "MEDITRON_FAULT_STALL_AFTER_STEP"
 
 class TrainingDiverged(UserError):
     """A non-finite loss or gradient norm."""
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def _load_base(run: RunConfig, cfg, mesh, rules, dtype):
@@ -90,7 +86,7 @@ def run_training(run: RunConfig) -> dict:
     tok, eos, tok_dir = setup.tokenizer_for(run, cfg)
     data = setup.make_data(run, tok, eos)  # every data file validated before any compile
     if jax.process_index() == 0:
-        _write_json(os.path.join(out, setup.RUN_META), {"model": cfg.to_hf(), "run": run.to_dict()})
+        atomic.write_json(os.path.join(out, setup.RUN_META), {"model": cfg.to_hf(), "run": run.to_dict()})
     setup.keep_tokenizer(tok_dir, out)
 
     param_dtype = setup.DTYPES[run.model.param_dtype]
@@ -98,7 +94,8 @@ def run_training(run: RunConfig) -> dict:
     lr = schedule(run.optim, run.train.steps)
     opts = StepOptions(grad_accum=run.train.grad_accum,
                        compute_dtype=setup.DTYPES[run.model.compute_dtype],
-                       remat=run.model.remat, attention_impl=run.model.attention_impl, lora=lcfg)
+                       remat=run.model.remat, attention_impl=run.model.attention_impl,
+                       loss_chunk=run.model.loss_chunk, lora=lcfg)
     abstract = abstract_state(cfg, optimizer, param_dtype, lcfg)
     shardings = state_shardings(cfg, abstract, mesh, rules, lcfg)
     constrain = activation_constrainer(mesh, rules)
@@ -179,8 +176,8 @@ def run_training(run: RunConfig) -> dict:
                     break
         ckpt.wait()
         rate = float(np.median(rates)) if rates else None
-        return _finish(run, out, state, lcfg, ckpt, writer, last, start, step, preempted, data,
-                       rate, throughput.mfu(rate))
+        return _finish(run, cfg, out, state, lcfg, ckpt, writer, last, start, step, preempted,
+                       data, rate, throughput.mfu(rate))
     finally:
         writer.close()
         ckpt.close()
@@ -206,12 +203,19 @@ def _line(r: dict) -> str:
     return "  ".join(parts)
 
 
-def _finish(run, out, state, lcfg, ckpt, writer, last, start, step, preempted, data,
+def _finish(run, cfg, out, state, lcfg, ckpt, writer, last, start, step, preempted, data,
             rate, mfu) -> dict:
-    adapter = None
-    if lcfg is not None and jax.process_index() == 0 and not preempted:
-        adapter = save_adapters(jax.device_get(state.params), lcfg, os.path.join(out, "adapter"),
-                                base_model=run.model.init_from)
+    """The final model (a native checkpoint, or the LoRA adapters), plot and summary."""
+    adapter = model = None
+    if lcfg is not None and not preempted:
+        adapter = os.path.join(out, "adapter")
+        if jax.process_index() == 0 and (step > start or not os.path.exists(adapter)):
+            save_adapters(jax.device_get(state.params), lcfg, adapter, base_model=run.model.init_from)
+    elif not preempted:
+        from meditron_jax.checkpoint import save_params
+        model = os.path.join(out, "model")
+        if step > start or not os.path.exists(model):  # every process: a collective save
+            save_params(model, cfg, state.params, source_dir=os.path.join(out, "tokenizer"))
     plot = None
     if run.log.plot and jax.process_index() == 0:
         plot = plot_losses(writer.path, os.path.join(out, "loss.png"))
@@ -227,8 +231,8 @@ def _finish(run, out, state, lcfg, ckpt, writer, last, start, step, preempted, d
         "tokens_per_s": rate, "mfu": mfu,
         "metrics": writer.path, "loss_plot": plot, "tensorboard": writer.tb_dir,
         "checkpoints": ckpt.directory, "latest_checkpoint": ckpt.latest_step(),
-        "adapter": adapter, "output_dir": out, "data": counts,
+        "model": model, "adapter": adapter, "output_dir": out, "data": counts,
     }
     if jax.process_index() == 0:
-        _write_json(os.path.join(out, "summary.json"), summary)
+        atomic.write_json(os.path.join(out, "summary.json"), summary)
     return summary

@@ -9,11 +9,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
 
+from meditron_jax import atomic
+from meditron_jax.checkpoint import copy_side_files, read_config
 from meditron_jax.config import LlamaConfig, preset
 from meditron_jax.errors import UserError
 from meditron_jax.lora import LoraConfig
@@ -55,9 +56,9 @@ def init_from_config(path: str) -> LlamaConfig:
         with open(os.path.join(path, RUN_META), encoding="utf-8") as f:
             return LlamaConfig.from_hf(json.load(f)["model"])
     from meditron_jax.loading import directory_kind
-    kind = directory_kind(path)
-    return LlamaConfig.from_hf(os.path.join(path, "config.json" if kind == "hf"
-                                            else "meditron_config.json"))
+    if directory_kind(path) == "native":
+        return read_config(path)
+    return LlamaConfig.from_hf(path)
 
 
 def lora_config(run: RunConfig) -> LoraConfig | None:
@@ -96,20 +97,14 @@ def tokenizer_for(run: RunConfig, cfg: LlamaConfig) -> tuple[Tokenizer, int, str
 
 
 def keep_tokenizer(src: str, out_dir: str) -> None:
-    """Copy the tokenizer files next to the run's checkpoints (written aside, then
-    renamed), so the output dir is self-contained for ``model.init_from`` and export."""
-    from meditron_jax.tokenizer import TOKENIZER_FILES
+    """Copy the tokenizer (and generation config) files next to the run's checkpoints,
+    so the output dir is self-contained for ``model.init_from`` and the final model."""
     dest = os.path.join(out_dir, "tokenizer")
     if jax.process_index() != 0 or os.path.abspath(src) == os.path.abspath(dest) \
             or os.path.exists(dest):
         return
-    tmp = dest + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    for name in TOKENIZER_FILES:
-        if os.path.exists(os.path.join(src, name)):
-            shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
-    os.rename(tmp, dest)
+    with atomic.staged_dir(dest) as staging:
+        copy_side_files(src, staging)
 
 
 def _barrier(name: str) -> None:
