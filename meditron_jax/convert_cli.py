@@ -13,7 +13,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, out_help: str) -> None
                              "*.safetensors) or a native checkpoint (meditron_config.json)")
     parser.add_argument("--out", required=True, help=out_help)
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
-                        help="cast the weights (default: keep each tensor's stored dtype)")
+                        help="cast the weights; unset keeps each tensor's stored dtype")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a checkpoint already at --out (swapped in only once "
                              "the new one is complete)")

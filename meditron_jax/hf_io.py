@@ -36,38 +36,47 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Stored:
+    """Where one tensor's bytes are: file, absolute offset, shape, dtype."""
+
+    file: str
+    offset: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
 @dataclasses.dataclass
 class HFSnapshot:
-    """A validated HF snapshot: which file holds each tensor, and its dtype."""
+    """A validated HF snapshot: where each tensor is, and its dtype."""
 
     path: str
     cfg: LlamaConfig
-    files: dict[str, str]             # tensor name -> file path
-    dtypes: dict[str, np.dtype]
+    tensors: dict[str, _Stored]
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "HFSnapshot":
         path = os.fspath(path)
         cfg = LlamaConfig.from_hf(path)
         files = _weight_files(path)
-        headers: dict[str, tuple[tuple, str]] = {}
+        headers: dict[str, tuple[tuple, str, int]] = {}
         for file, names in _group_by_file(files).items():
             headers.update(_read_header(file, names))
         headers = {n: h for n, h in headers.items() if not is_ignorable(n)}
         check_key_set(headers, cfg, path)
-        dtypes = {}
-        for name, (shape, dtype_name) in headers.items():
+        tensors = {}
+        for name, (shape, dtype_name, offset) in headers.items():
             if dtype_name not in DTYPES:
                 raise UserError(f"{files[name]}: tensor {name} has dtype {dtype_name}; "
                                 f"weights must be one of {', '.join(DTYPES)}")
             check_hf_tensor(name, shape, cfg, files[name])
-            dtypes[name] = DTYPES[dtype_name]
-        return cls(path, cfg, {n: files[n] for n in dtypes}, dtypes)
+            tensors[name] = _Stored(files[name], offset, shape, DTYPES[dtype_name])
+        return cls(path, cfg, tensors)
 
     def dtype_of(self, p: TensorPlan) -> np.dtype:
         """The stored dtype of a parameter (the widest of its layers' tensors)."""
         names = [p.rule.hf.format(i=i) for i in range(p.num_tensors)] if p.stacked else [p.rule.hf]
-        return np.result_type(*(self.dtypes[n] for n in names))
+        return np.result_type(*(self.tensors[n].dtype for n in names))
 
     def read(self, p: TensorPlan, index: Index) -> np.ndarray:
         """Block ``index`` of parameter ``p`` in our layout (full-array index)."""
@@ -81,25 +90,19 @@ class HFSnapshot:
         return np.stack(layers)
 
     def _reader(self, name: str) -> Callable[[Index], np.ndarray]:
-        def read(hf_index: Index) -> np.ndarray:
-            return _read_rows(self.files[name], name, self.dtypes[name], hf_index)
-        return read
+        return lambda hf_index: _read_rows(self.tensors[name], hf_index)
 
 
-def _read_rows(file: str, name: str, dtype: np.dtype, hf_index: Index) -> np.ndarray:
-    """The rows ``hf_index[0]`` of a tensor, read straight into one numpy buffer (the
-    safetensors slice API holds two copies of the block), then cut by the other slices.
-    The file was validated by ``safe_open`` when the snapshot was opened."""
-    with open(file, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        entry = json.loads(f.read(header_len))[name]
-        shape = tuple(entry["shape"])
-        start, stop, _ = hf_index[0].indices(shape[0]) if shape else (0, 1, 1)
-        out = np.empty((max(0, stop - start), *shape[1:]), dtype)
-        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
-        f.seek(8 + header_len + entry["data_offsets"][0] + start * row_bytes)
+def _read_rows(t: _Stored, hf_index: Index) -> np.ndarray:
+    """Rows ``hf_index[0]`` of a tensor read straight into one numpy buffer (the
+    safetensors slice API holds two copies of the block), then cut by the other slices."""
+    start, stop, _ = hf_index[0].indices(t.shape[0])
+    out = np.empty((max(0, stop - start), *t.shape[1:]), t.dtype)
+    row_bytes = int(np.prod(t.shape[1:], dtype=np.int64)) * t.dtype.itemsize
+    with open(t.file, "rb") as f:
+        f.seek(t.offset + start * row_bytes)
         if f.readinto(out.reshape(-1).view(np.uint8).data) != out.nbytes:
-            raise UserError(f"{file}: tensor {name} ends early; the file is truncated")
+            raise UserError(f"{t.file}: ends early; the file was truncated after it was opened")
     return out[(slice(None), *hf_index[1:])]
 
 
@@ -162,24 +165,30 @@ def _group_by_file(files: dict[str, str]) -> dict[str, list[str]]:
     return out
 
 
-def _read_header(file: str, names: Iterable[str] | None) -> dict[str, tuple[tuple, str]]:
-    """Shape and dtype name of ``names`` (default: all) from one file's header. Opening
-    the file checks that its data covers the header (a truncated file fails here)."""
+def _read_header(file: str, names: Iterable[str] | None) -> dict[str, tuple[tuple, str, int]]:
+    """(shape, dtype name, absolute data offset) of ``names`` (default: all) in one file.
+
+    ``safe_open`` validates the file (its data must cover the header exactly, so a
+    truncated file fails here); the offsets come from the header, which it does not
+    expose."""
     from safetensors import SafetensorError, safe_open
     try:
         with safe_open(file, framework="numpy") as f:
             present = set(f.keys())
-            out = {}
-            for name in (present if names is None else names):
-                if name not in present:
-                    raise UserError(f"{file}: the index lists tensor {name} in this file but "
-                                    "the file does not hold it")
-                info = f.get_slice(name)
-                out[name] = (tuple(info.get_shape()), info.get_dtype())
-            return out
     except SafetensorError as exc:
         raise UserError(f"{file}: not a valid safetensors file, truncated or corrupt ({exc}); "
                         "download it again") from None
+    with open(file, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    out = {}
+    for name in (present if names is None else names):
+        if name not in present:
+            raise UserError(f"{file}: the index lists tensor {name} in this file but the file "
+                            "does not hold it")
+        entry = header[name]
+        out[name] = (tuple(entry["shape"]), entry["dtype"], 8 + header_len + entry["data_offsets"][0])
+    return out
 
 
 # ---- sharded load -------------------------------------------------------------------------
