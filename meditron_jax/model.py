@@ -199,10 +199,17 @@ def forward(params: Params, tokens: jax.Array, cfg: LlamaConfig, *,
         return (x, k_cache, v_cache), None
 
     block = _remat(block, remat)
-    layer_ids = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
     init = (x, cache.k if cache is not None else None, cache.v if cache is not None else None)
-    (x, k_cache, v_cache), _ = jax.lax.scan(
-        block, init, (params["layers"], lora[0] if lora else None, layer_ids))
+    if isinstance(params["layers"], (list, tuple)):  # unstacked: see unstack_layers
+        carry = init
+        for i, lp in enumerate(params["layers"]):
+            adapters = jax.tree.map(lambda a: a[i], lora[0]) if lora else None
+            carry, _ = block(carry, (lp, adapters, i))
+        x, k_cache, v_cache = carry
+    else:
+        layer_ids = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
+        (x, k_cache, v_cache), _ = jax.lax.scan(
+            block, init, (params["layers"], lora[0] if lora else None, layer_ids))
 
     x = constrain(x, ("batch", "seq", None))
     x = rms_norm(x, params["final_norm"].astype(dtype), eps)
@@ -212,6 +219,21 @@ def forward(params: Params, tokens: jax.Array, cfg: LlamaConfig, *,
     if return_hidden:
         return x, new_cache
     return logits_from_hidden(params, x, cfg, constrain), new_cache
+
+
+def unstack_layers(params: Params) -> Params:
+    """The same weights with ``layers`` as a tuple of per-layer dicts, for CPU decoding.
+
+    A scanned layer reads its weights through a dynamic slice of the stacked arrays;
+    TPU and GPU fuse that slice into the matmul, but XLA:CPU copies it first, and in
+    the memory-bound decode step the copy costs more than the matmul (bench/NOTES.md).
+    :func:`forward` runs unstacked layers as an unrolled loop whose matmuls read each
+    weight buffer in place; compile time then grows with depth, so keep the stacked
+    layout for training and for accelerators.
+    """
+    layers = params["layers"]
+    n = jax.tree.leaves(layers)[0].shape[0]
+    return {**params, "layers": tuple(jax.tree.map(lambda a: a[i], layers) for i in range(n))}
 
 
 def logits_from_hidden(params: Params, x: jax.Array, cfg: LlamaConfig,

@@ -127,3 +127,29 @@ def test_help_shows_defaults(capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "--presets" in out and "small,medium" in out and "--repeats" in out
+
+
+def test_unstacked_layers_compute_what_the_scan_computes():
+    """The CPU decode layout (model.unstack_layers): same logits and same cache as the
+    scanned layers, for a full forward and for a cached step after a prefill."""
+    import jax
+    import jax.numpy as jnp
+
+    from meditron_jax.config import preset
+    from meditron_jax.kvcache import KVCache
+    from meditron_jax.model import forward, init_params, unstack_layers
+
+    cfg = preset("tiny")
+    stacked = init_params(cfg, jax.random.key(0), std=0.25)
+    unstacked = unstack_layers(stacked)
+    assert len(unstacked["layers"]) == cfg.num_hidden_layers
+    tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
+
+    def run(params):
+        full, _ = forward(params, tokens, cfg)
+        _, cache = forward(params, tokens[:, :11], cfg, cache=KVCache.init(cfg, 2, 16))
+        step, cache = forward(params, tokens[:, 11:], cfg, cache=cache)
+        return full, step, cache.k
+
+    for a, b in zip(run(stacked), run(unstacked)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
