@@ -94,16 +94,26 @@ class HFSnapshot:
 
 
 def _read_rows(t: _Stored, hf_index: Index) -> np.ndarray:
-    """Rows ``hf_index[0]`` of a tensor read straight into one numpy buffer (the
-    safetensors slice API holds two copies of the block), then cut by the other slices."""
+    """One block of an HF tensor, holding no more than the block in memory.
+
+    Whole rows (conversion blocks, shards cut along HF dim 0) are read straight into
+    one buffer: the safetensors slice API would hold two copies. A cut along a later
+    dim (say an fsdp shard of the hidden dim) copies just that slice out of a memory
+    map, so a device's shard never costs the whole tensor.
+    """
     start, stop, _ = hf_index[0].indices(t.shape[0])
-    out = np.empty((max(0, stop - start), *t.shape[1:]), t.dtype)
+    rows = (max(0, stop - start), *t.shape[1:])
     row_bytes = int(np.prod(t.shape[1:], dtype=np.int64)) * t.dtype.itemsize
-    with open(t.file, "rb") as f:
-        f.seek(t.offset + start * row_bytes)
-        if f.readinto(out.reshape(-1).view(np.uint8).data) != out.nbytes:
-            raise UserError(f"{t.file}: ends early; the file was truncated after it was opened")
-    return out[(slice(None), *hf_index[1:])]
+    offset = t.offset + start * row_bytes
+    if all(s.indices(n)[:2] == (0, n) for s, n in zip(hf_index[1:], t.shape[1:])):
+        out = np.empty(rows, t.dtype)
+        with open(t.file, "rb") as f:
+            f.seek(offset)
+            if f.readinto(out.reshape(-1).view(np.uint8).data) != out.nbytes:
+                raise UserError(f"{t.file}: ends early; the file was truncated after it was opened")
+        return out
+    mapped = np.memmap(t.file, dtype=t.dtype, mode="r", offset=offset, shape=rows)
+    return np.array(mapped[(slice(None), *hf_index[1:])])
 
 
 def _weight_files(path: str) -> dict[str, str]:
