@@ -280,3 +280,18 @@ def test_staged_dir_multi_process_roles(tmp_path):
         open(os.path.join(staging, "shard0"), "w").write("from process 0")
     assert sorted(os.listdir(dest)) == ["shard0", "shard1"]
     assert [c.split(":")[1] for c in calls] == ["start", "start", "written", "done", "written", "done"]
+
+
+def test_export_of_a_trained_checkpoint_matches_the_key_map(saved_on_8, tmp_path):
+    """A checkpoint saved from sharded jax Arrays (Orbax's own chunking, not ours)
+    exports to exactly what the in-memory key map gives."""
+    from safetensors.numpy import load_file
+    from meditron_jax.convert import export_to_hf
+    from meditron_jax.hf_keys import hf_from_params
+    path, cfg, params = saved_on_8
+    export_to_hf(path, str(tmp_path / "hf"), quiet=True)
+    got = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    want = hf_from_params(jax.tree.map(np.asarray, params), cfg)
+    assert sorted(got) == sorted(want)
+    for name, w in want.items():
+        assert got[name].dtype == w.dtype and got[name].tobytes() == w.tobytes(), name
