@@ -1,7 +1,8 @@
 """Few-shot multiple-choice evaluation: score every option, aggregate, compare checkpoints.
 
 For each question every option is scored by the log-likelihood of ``" " + option``
-after the few-shot context (one :class:`~infer.score.ScoreRequest` per option). The
+after the few-shot context, the context computed once for all options
+(:class:`~infer.grouped_score.GroupedScorer`). The
 metrics are lm-eval's: ``acc`` picks the option with the highest summed
 log-likelihood, ``acc_norm`` divides it by the option's length in characters. Each
 gets lm-eval's standard error and a 95% Wilson score interval, which (unlike
@@ -26,7 +27,8 @@ import jax
 import numpy as np
 
 from infer.eval_tasks import TARGET_DELIMITER, Item, fewshot_context, pick_shots
-from infer.score import ScoreRequest, encode_pair
+from infer.grouped_score import GroupedScorer, ScoreGroup
+from infer.score import encode_pair
 from infer.sweep import ResumableOutput, run_sweep
 from meditron_jax.atomic import write_json
 from meditron_jax.errors import UserError
@@ -90,17 +92,16 @@ class EvalSpec:
         return dataclasses.asdict(self)
 
 
-def build_requests(items: Sequence[Item], pool: Sequence[Item], spec: EvalSpec, tokenizer):
-    """ScoreRequests for every option of every item, id ``(item index, option)``."""
-    requests = []
+def build_groups(items: Sequence[Item], pool: Sequence[Item], spec: EvalSpec,
+                 tokenizer) -> list[ScoreGroup]:
+    """One group per item: its few-shot context and every option's continuation."""
+    groups = []
     for item in items:
         shots = pick_shots(item, list(pool), spec.shots, spec.fewshot_data is None)
         context = fewshot_context(item, shots)
-        for j, choice in enumerate(item.choices):
-            ctx, cont = encode_pair(tokenizer, context, TARGET_DELIMITER + choice)
-            requests.append(ScoreRequest(id=(item.index, j), context_ids=ctx,
-                                         continuation_ids=cont))
-    return requests
+        pairs = [encode_pair(tokenizer, context, TARGET_DELIMITER + c) for c in item.choices]
+        groups.append(ScoreGroup(item.index, pairs[0][0], tuple(cont for _, cont in pairs)))
+    return groups
 
 
 def is_writer() -> bool:
@@ -123,7 +124,7 @@ def check_settings(path: str, settings: dict) -> None:
                         f"({', '.join(changed)} differ); give another --out")
 
 
-def evaluate(scorer, tokenizer, items: Sequence[Item], pool: Sequence[Item], spec: EvalSpec,
+def evaluate(scorer: GroupedScorer, tokenizer, items: Sequence[Item], pool: Sequence[Item], spec: EvalSpec,
              out_dir: str, *, model_path: str, chunk_items: int = 32) -> dict:
     """Score the items not yet in ``out_dir/items.jsonl`` (each chunk of
     ``chunk_items`` appended durably), then summarize all of them into ``summary.json``."""
@@ -134,15 +135,12 @@ def evaluate(scorer, tokenizer, items: Sequence[Item], pool: Sequence[Item], spe
     by_index: dict[int, dict] = {}  # every item's record: earlier runs' and this one's
 
     def process(chunk: list[Item]) -> tuple[list[dict], int]:
-        requests = build_requests(chunk, pool, spec, tokenizer)
-        results = {r.id: r for r in scorer.score(requests, truncate=spec.truncate)}
-        records = []
-        for item in chunk:
-            per = [results[(item.index, j)] for j in range(len(item.choices))]
-            records.append(item_result(item, [r.logprob for r in per],
-                                       [r.num_tokens for r in per], [r.greedy for r in per]))
+        groups = build_groups(chunk, pool, spec, tokenizer)
+        records = [item_result(item, [r.logprob for r in per], [r.num_tokens for r in per],
+                               [r.greedy for r in per])
+                   for item, per in zip(chunk, scorer.score_groups(groups, truncate=spec.truncate))]
         by_index.update((r["id"], r) for r in records)
-        return records, sum(len(r.context_ids) + len(r.continuation_ids) for r in requests)
+        return records, sum(len(g.context_ids) + sum(map(len, g.continuations)) for g in groups)
 
     with ResumableOutput(items_path) as out:
         if os.path.exists(items_path):

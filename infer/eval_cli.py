@@ -16,7 +16,7 @@ import sys
 from infer.cli_common import add_model_arguments, load_for_inference
 from infer.eval import EvalSpec, comparison_table, evaluate, is_writer
 from infer.eval_tasks import FORMATS, TASKS, check_shots, get_task, load_items
-from infer.score import Scorer
+from infer.grouped_score import GroupedScorer
 from meditron_jax.atomic import atomic_file, write_json
 from meditron_jax.errors import UserError
 from meditron_jax.loading import directory_kind
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         if model_tokenizer is None:
             raise UserError(f"{path}: no tokenizer files; pass --tokenizer DIR")
         out_dir = os.path.join(args.out, label, task.name)
-        summary = evaluate(Scorer(model, mesh=mesh, batch_size=args.batch_size),
+        summary = evaluate(GroupedScorer(model, mesh=mesh, batch_size=args.batch_size),
                            model_tokenizer, items, pool, spec, out_dir, model_path=path,
                            chunk_items=args.chunk)
         summaries.append({"label": label, **summary})

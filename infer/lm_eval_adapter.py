@@ -9,9 +9,10 @@ From the shell, with lm-eval's own options (this module registers the model name
 ``meditron-jax`` and hands over to lm-eval's command line)::
 
     python -m infer.lm_eval_adapter run --model meditron-jax \\
-        --model_args path=ckpt/,mesh=tensor=4,batch_size=16 --tasks pubmedqa
+        --model_args path=ckpt/,mesh=tensor=4 --batch_size 16 --tasks pubmedqa
 
-Scoring goes through :class:`~infer.score.Scorer` and generation through
+Scoring goes through :class:`~infer.grouped_score.GroupedScorer` (the options of a
+question share one context pass) and generation through
 :class:`~infer.engine.Generator`, sharded on the given mesh; requests are tokenized
 exactly as ``meditron-jax eval`` tokenizes them (:func:`infer.score.encode_pair`), so
 the two report the same per-item log-likelihoods. lm-eval's ``model_args`` are split
@@ -35,10 +36,12 @@ except ImportError as exc:  # the optional extra is not installed
 from infer.cli_common import load_for_inference
 from infer.engine import Generator
 from infer.sampling import Sampling
-from infer.score import ScoreRequest, Scorer, encode_pair
+from infer.grouped_score import GroupedScorer, ScoreGroup
+from infer.score import ScoreRequest, encode_pair
 from meditron_jax.tokenizer import Tokenizer
 
 DEFAULT_MAX_GEN_TOKS = 256
+MAX_GROUP = 16  # options scored on one shared context pass (they are repeated in memory)
 
 
 def split_request(tokenizer, context: str, continuation: str, *,
@@ -71,10 +74,11 @@ class MeditronLM(LM):
                             "use path, mesh, batch_size, max_length, dtype, max_gen_toks, "
                             "tokenizer")
         path = path or pretrained
-        if batch_size in (None, "auto"):
-            batch_size = 8
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if batch_size is None or str(batch_size).startswith("auto"):
+            batch_size = 8  # lm-eval's "auto" probes memory by trial and error
+        if isinstance(batch_size, bool) or not str(batch_size).isdigit() or int(batch_size) < 1:
             raise UserError(f"meditron-jax batch_size must be a positive integer, got {batch_size!r}")
+        batch_size = int(batch_size)
         if model is None:
             if path is None:
                 raise UserError("meditron-jax model_args: give path=<checkpoint directory>")
@@ -88,7 +92,7 @@ class MeditronLM(LM):
         self.batch_size = batch_size
         self.max_length = int(max_length or model.cfg.max_position_embeddings)
         self.max_gen_toks = int(max_gen_toks)
-        self.scorer = Scorer(model, mesh=mesh, batch_size=self.batch_size)
+        self.scorer = GroupedScorer(model, mesh=mesh, batch_size=self.batch_size)
         self._generator = None
 
     @property
@@ -96,16 +100,24 @@ class MeditronLM(LM):
         tok = self.tokenizer
         return tok.bos_id if tok.bos_id is not None else tok.eos_ids[0]
 
-    def _score(self, requests: list[ScoreRequest]):
-        return self.scorer.score(requests, truncate=True)  # lm-eval drops the oldest context
-
     # ---- lm-eval's three request types ------------------------------------------------------
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        reqs = [ScoreRequest(id=i, context_ids=ctx, continuation_ids=cont)
-                for i, (ctx, cont) in enumerate(
-                    split_request(self.tokenizer, *r.args, prefix=self.prefix_token_id)
-                    for r in requests)]
-        out = [(r.logprob, r.greedy) for r in self._score(reqs)]
+        # A multiple-choice question arrives as one request per option, all with the
+        # same context: group them (at most MAX_GROUP a group) so the context runs once.
+        by_context: dict[tuple, list[tuple[int, list[int]]]] = {}
+        for i, r in enumerate(requests):
+            ctx, cont = split_request(self.tokenizer, *r.args, prefix=self.prefix_token_id)
+            by_context.setdefault(tuple(ctx), []).append((i, cont))
+        members = [m[s:s + MAX_GROUP] for m in by_context.values()
+                   for s in range(0, len(m), MAX_GROUP)]
+        contexts = [ctx for ctx, m in by_context.items() for _ in range(0, len(m), MAX_GROUP)]
+        groups = [ScoreGroup(g, ctx, tuple(c for _, c in m))
+                  for g, (ctx, m) in enumerate(zip(contexts, members))]
+        out: list = [None] * len(requests)
+        # truncate: like lm-eval, drop a too-long context's oldest tokens
+        for m, results in zip(members, self.scorer.score_groups(groups, truncate=True)):
+            for (i, _), r in zip(m, results):
+                out[i] = (r.logprob, r.greedy)
         for instance, result in zip(requests, out):
             self.cache_hook.add_partial("loglikelihood", instance.args, result)
         return out
@@ -123,7 +135,7 @@ class MeditronLM(LM):
                 reqs.append(ScoreRequest(id=f"{i}:{j}", context_ids=ctx, continuation_ids=cont))
                 owner.append(i)
         totals = [0.0] * len(requests)
-        for i, result in zip(owner, self._score(reqs)):
+        for i, result in zip(owner, self.scorer.score(reqs, truncate=True)):
             totals[i] += float(result.logprob)
         for instance, total in zip(requests, totals):
             self.cache_hook.add_partial("loglikelihood_rolling", instance.args, total)
@@ -168,7 +180,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     from lm_eval.__main__ import cli_evaluate
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except UserError as exc:
+        print(f"meditron-jax (lm-eval): error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
