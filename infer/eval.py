@@ -97,8 +97,9 @@ def build_groups(items: Sequence[Item], pool: Sequence[Item], spec: EvalSpec,
     """One group per item: its few-shot context and every option's continuation."""
     groups = []
     for item in items:
-        shots = pick_shots(item, list(pool), spec.shots, spec.fewshot_data is None)
+        shots = pick_shots(item, pool, spec.shots, spec.fewshot_data is None)
         context = fewshot_context(item, shots)
+        # encode_pair's context ids depend on the context alone: one for all options.
         pairs = [encode_pair(tokenizer, context, TARGET_DELIMITER + c) for c in item.choices]
         groups.append(ScoreGroup(item.index, pairs[0][0], tuple(cont for _, cont in pairs)))
     return groups
@@ -124,8 +125,8 @@ def check_settings(path: str, settings: dict) -> None:
                         f"({', '.join(changed)} differ); give another --out")
 
 
-def evaluate(scorer: GroupedScorer, tokenizer, items: Sequence[Item], pool: Sequence[Item], spec: EvalSpec,
-             out_dir: str, *, model_path: str, chunk_items: int = 32) -> dict:
+def evaluate(scorer: GroupedScorer, tokenizer, items: Sequence[Item], pool: Sequence[Item],
+             spec: EvalSpec, out_dir: str, *, model_path: str, chunk_items: int = 32) -> dict:
     """Score the items not yet in ``out_dir/items.jsonl`` (each chunk of
     ``chunk_items`` appended durably), then summarize all of them into ``summary.json``."""
     os.makedirs(out_dir, exist_ok=True)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Callable
+from typing import Callable, Sequence
 
 from meditron_jax.errors import UserError
 from meditron_jax.jsonl import read_jsonl
@@ -49,7 +49,8 @@ class Task:
     name: str
     title: str
     fields: tuple[str, ...]  # required fields, named in errors
-    parse: Callable[[dict, str], tuple[str, list[str], int, str]]  # -> question, options, gold, header
+    # record, "FILE:LINE" -> (question, options, gold index, header)
+    parse: Callable[[dict, str], tuple[str, list[str], int, str]]
     mcq: Callable[[str, list[str]], str]  # question, options -> prompt text
     letters: bool = True  # mcq scores letters; False: the options are the answers (PubMedQA)
 
@@ -235,12 +236,16 @@ def fewshot_context(item: Item, shots: list[Item]) -> str:
     return item.description + examples + item.text
 
 
-def pick_shots(item: Item, pool: list[Item], k: int, same_file: bool) -> list[Item]:
+def pick_shots(item: Item, pool: Sequence[Item], k: int, same_file: bool) -> list[Item]:
     """The first ``k`` pool items; an item never serves as its own example when the pool
     is the evaluated file (lm-eval's ``first_n`` sampler does the same)."""
-    if same_file:
-        pool = [p for p in pool if p.index != item.index]
-    return pool[:k]
+    shots: list[Item] = []
+    for candidate in pool:
+        if len(shots) == k:
+            break
+        if not (same_file and candidate.index == item.index):
+            shots.append(candidate)
+    return shots
 
 
 def check_shots(k: int, pool: list[Item], same_file: bool, pool_path: str) -> None:
