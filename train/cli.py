@@ -4,9 +4,32 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import textwrap
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def _config_keys() -> str:
+    """Every run-config key with its default, for --help (the config is the real CLI)."""
+    import dataclasses
+    from train.config import RunConfig
+    lines = ["run config keys (YAML sections, or --set SECTION.KEY=VALUE) and defaults:"]
+    for section in dataclasses.fields(RunConfig):
+        value = getattr(RunConfig(), section.name)
+        if not dataclasses.is_dataclass(value):
+            lines.append(f"  {section.name}: {value}")
+            continue
+        items = ", ".join(f"{f.name}={getattr(value, f.name)!r}" for f in dataclasses.fields(value))
+        lines.append(textwrap.fill(f"{section.name}: {items}", 88, initial_indent="  ",
+                                   subsequent_indent="      "))
+    return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = _Formatter
+    parser.epilog = _config_keys()
     parser.add_argument("--config", default=None,
                         help="YAML run config (configs/*.yaml); omitted: the built-in defaults "
                              "(tiny random model, needs data.train_files)")
