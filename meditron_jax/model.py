@@ -168,7 +168,11 @@ def forward(params: Params, tokens: jax.Array, cfg: LlamaConfig, *,
     mask = attention_mask(segment_ids, q_slots, kv_segments)
     cos, sin = rope_tables(positions, cfg)
 
-    x = jnp.take(params["embed"], tokens, axis=0).astype(dtype)
+    # Gather rows from a table sharded over vocab only (the fsdp-sharded embed dim is
+    # all-gathered first): the lookup is then a masked local gather + reduction over
+    # `tensor`, instead of a full rematerialization of the table on every device.
+    table = constrain(params["embed"], ("vocab", None))
+    x = jnp.take(table, tokens, axis=0).astype(dtype)
     x = constrain(x, ("batch", "seq", None))
     eps = cfg.rms_norm_eps
 
