@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import os
 import sys
 
@@ -22,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("infer.score_cli", "log-likelihood of continuations (multiple-choice scoring)"),
     "eval": ("infer.eval_cli", "few-shot medical multiple-choice evaluation (MedQA, MedMCQA, PubMedQA, MMLU)"),
     "train": ("train.cli", "continued pretraining / fine-tuning from a YAML run config"),
-    "plan": ("meditron_jax.plan_cli", "ahead-of-time memory and FLOPs plan for a mesh and target (no weights)"),
+    "plan": ("bench.plan", "ahead-of-time memory and FLOPs plan for a mesh and target (no weights)"),
     "bench": ("bench.cli", "benchmark against transformers and the machine's ceilings"),
     "demo": ("meditron_jax.demo", "the whole mission end to end on a tiny model (make demo)"),
 }
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"meditron-jax: error: unknown command {first!r}; choose one of "
               f"{', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    _skip_absent_tpu()
     # Load just the chosen subcommand's options.
     module = importlib.import_module(COMMANDS[first][0])
     sub_parser = argparse.ArgumentParser(
@@ -79,6 +81,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"meditron-jax {first}: interrupted", file=sys.stderr)
         return 130
     return int(result or 0)
+
+
+def _skip_absent_tpu() -> None:
+    """With libtpu installed (the ``tpu`` extra, which ``plan`` uses to compile for TPUs
+    without one), JAX probes for TPU chips at start-up and prints a screen of warnings
+    on hosts that have none: skip that backend there (GPUs and CPUs are unaffected)."""
+    if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None:
+        return
+    from sharding.distributed import on_tpu_vm
+    if not on_tpu_vm():
+        import jax  # it may already be imported: set the config as well as the environment
+        os.environ["JAX_PLATFORMS"] = "cuda,cpu"
+        jax.config.update("jax_platforms", "cuda,cpu")
 
 
 def entry() -> None:

@@ -1,14 +1,17 @@
 """Meshes, logical-axis rule tables, placement and multi-host start-up."""
-from sharding.mesh import MESH_AXES, describe, initialize_distributed, make_mesh, mesh_shape, parse_mesh_spec
+from sharding.distributed import add_distributed_arguments, initialize_distributed, initialize_from_args
+from sharding.mesh import MESH_AXES, describe, make_mesh, mesh_shape, parse_mesh_spec
 from sharding.placement import (batch_sharding, cache_shardings, derived_shardings, init_sharded,
-                                param_shardings, place, replicated, tree_shardings)
+                                param_shardings, place, replicated, sharded_initializer,
+                                tree_shardings)
 from sharding.rules import (INFER_RULES, LOGICAL_NAMES, PRESETS, TRAIN_RULES, Rules,
                             activation_constrainer, check_batch, check_model_fits)
 
 __all__ = [
-    "MESH_AXES", "describe", "initialize_distributed", "make_mesh", "mesh_shape",
+    "add_distributed_arguments", "initialize_distributed", "initialize_from_args",
+    "MESH_AXES", "describe", "make_mesh", "mesh_shape",
     "parse_mesh_spec", "batch_sharding", "cache_shardings", "derived_shardings",
-    "init_sharded", "param_shardings", "place", "replicated", "tree_shardings",
+    "init_sharded", "param_shardings", "place", "replicated", "sharded_initializer", "tree_shardings",
     "INFER_RULES", "LOGICAL_NAMES", "PRESETS", "TRAIN_RULES", "Rules",
     "activation_constrainer", "check_batch", "check_model_fits",
 ]

@@ -2,16 +2,16 @@
 
 The same function builds the mesh over 8 fake CPU devices, one GPU host, or every
 process's devices on a multi-host TPU pod (``jax.devices()`` is global after
-:func:`initialize_distributed`).
+:func:`sharding.initialize_distributed`).
 """
 from __future__ import annotations
 
 import math
-import os
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh
+from jax.experimental import mesh_utils
+from jax.sharding import AbstractMesh, AxisType, Mesh
 
 from meditron_jax.errors import UserError
 
@@ -50,82 +50,62 @@ def parse_mesh_spec(spec: str | dict | None, num_devices: int) -> dict[str, int]
     rest = [k for k, v in items.items() if v == -1]
     if len(rest) > 1:
         raise UserError(f"mesh spec {spec!r}: only one axis may be -1")
-    if any(v == 0 or v < -1 for v in items.values()):
+    if any(not isinstance(v, int) or isinstance(v, bool) or v == 0 or v < -1
+           for v in items.values()):
         raise UserError(f"mesh spec {spec!r}: sizes must be positive (or -1 for the rest)")
     fixed = math.prod(v for v in items.values() if v != -1)
+    if fixed > num_devices:
+        raise UserError(f"mesh spec {spec!r} needs {fixed} devices but only {num_devices} are "
+                        "available; shrink the mesh or add devices (on CPU set XLA_FLAGS="
+                        "--xla_force_host_platform_device_count=N before starting)")
     if rest:
         if num_devices % fixed:
             raise UserError(f"mesh spec {spec!r}: {num_devices} devices are not divisible by "
-                            f"the fixed axes' product {fixed}")
+                            f"the fixed axes' product {fixed}; change the fixed sizes")
         items[rest[0]] = num_devices // fixed
-    total = math.prod(items.values())
-    if total > num_devices:
-        raise UserError(f"mesh spec {spec!r} needs {total} devices but only {num_devices} are "
-                        "available; shrink the mesh or add devices (on CPU set XLA_FLAGS="
-                        "--xla_force_host_platform_device_count=N before starting)")
     return {axis: int(items.get(axis, 1)) for axis in MESH_AXES}
 
 
 def make_mesh(spec: str | dict | None = None, devices=None) -> Mesh:
-    """Build the (data, fsdp, tensor) mesh.
+    """Build the (data, fsdp, tensor) mesh over ``devices`` (default: every process's).
 
     Axis types are **Auto** on purpose: the model declares logical axes on weights and
     constrains activations only at layer boundaries; with Auto, XLA's sharding
-    propagation (GSPMD / Shardy) places everything in between and inserts the
-    collectives. Explicit axes would make every einsum's output sharding part of its
-    type, so the model code would have to know the mesh, which the design forbids.
+    propagation places everything in between and inserts the collectives. Explicit
+    axes (``jax.make_mesh``'s default since 0.10) would make every einsum's output
+    sharding part of its type, so the model code would have to know the mesh, which
+    the design forbids.
+
+    Devices are laid out by ``jax.make_mesh`` (ICI rings on TPU, NVLink islands on
+    GPU); on a multi-slice TPU job the ``data`` axis spans the slices, so only the
+    data-parallel gradient all-reduce crosses the slow data-centre network.
     """
     devices = list(jax.devices() if devices is None else devices)
     sizes = parse_mesh_spec(spec, len(devices))
     n = math.prod(sizes.values())
     shape = tuple(sizes[a] for a in MESH_AXES)
-    if n == len(devices) and devices[0].platform != "cpu":
-        # Topology-aware placement (ICI rings on TPU, NVLink on GPU).
-        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3,
-                             devices=devices)
-    array = np.asarray(devices[:n], dtype=object).reshape(shape)
-    return Mesh(array, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    types = (AxisType.Auto,) * len(MESH_AXES)
+    if n < len(devices) and len({d.process_index for d in devices}) > 1:
+        raise UserError(f"mesh {spec!r} uses {n} of {len(devices)} devices; a multi-process "
+                        "mesh must use every device (e.g. put -1 on one axis)")
+    slices = sorted({getattr(d, "slice_index", 0) or 0 for d in devices})
+    if len(slices) > 1 and n == len(devices):
+        if sizes["data"] % len(slices):
+            raise UserError(f"mesh {spec!r}: data={sizes['data']} must be a multiple of the "
+                            f"{len(slices)} TPU slices (data parallelism spans the slices)")
+        ici = (sizes["data"] // len(slices), sizes["fsdp"], sizes["tensor"])
+        array = mesh_utils.create_hybrid_device_mesh(ici, (len(slices), 1, 1), devices)
+        return Mesh(array, MESH_AXES, axis_types=types)
+    if n < len(devices) and devices[0].platform == "tpu":
+        # A sub-mesh need not be a valid physical sub-slice: take devices in order.
+        return Mesh(np.asarray(devices[:n], dtype=object).reshape(shape), MESH_AXES,
+                    axis_types=types)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=types, devices=devices)
 
 
-def mesh_shape(mesh: Mesh) -> dict[str, int]:
-    return dict(zip(mesh.axis_names, mesh.devices.shape))
+def mesh_shape(mesh: Mesh | AbstractMesh) -> dict[str, int]:
+    return dict(mesh.shape)
 
 
-def describe(mesh: Mesh) -> str:
+def describe(mesh: Mesh | AbstractMesh) -> str:
     return ",".join(f"{k}={v}" for k, v in mesh_shape(mesh).items())
-
-
-def initialize_distributed(coordinator_address: str | None = None,
-                           num_processes: int | None = None,
-                           process_id: int | None = None,
-                           local_device_ids: list[int] | None = None) -> bool:
-    """Start multi-host JAX when asked to; returns whether it initialized.
-
-    Arguments win over the environment (``MEDITRON_COORDINATOR``,
-    ``MEDITRON_NUM_PROCESSES``, ``MEDITRON_PROCESS_ID``; JAX itself also reads
-    ``JAX_COORDINATOR_ADDRESS`` etc.). On a TPU pod or a SLURM / Open MPI cluster,
-    calling ``jax.distributed.initialize()`` with no arguments auto-detects all of it:
-    set ``MEDITRON_DISTRIBUTED=1``.
-    """
-    env = os.environ
-    coordinator_address = coordinator_address or env.get("MEDITRON_COORDINATOR")
-    if num_processes is None and env.get("MEDITRON_NUM_PROCESSES"):
-        num_processes = int(env["MEDITRON_NUM_PROCESSES"])
-    if process_id is None and env.get("MEDITRON_PROCESS_ID"):
-        process_id = int(env["MEDITRON_PROCESS_ID"])
-    auto = env.get("MEDITRON_DISTRIBUTED") == "1"
-    if not coordinator_address and not auto:
-        return False
-    if coordinator_address and (num_processes is None or process_id is None):
-        raise UserError("multi-host: --coordinator needs --num-processes and --process-id "
-                        "(or MEDITRON_NUM_PROCESSES / MEDITRON_PROCESS_ID)")
-    if jax.distributed.is_initialized():
-        return True
-    kwargs = {}
-    if coordinator_address:
-        kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes,
-                      process_id=process_id)
-    if local_device_ids is not None:
-        kwargs["local_device_ids"] = local_device_ids
-    jax.distributed.initialize(**kwargs)
-    return True

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from meditron_jax.config import LlamaConfig
@@ -33,18 +34,33 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def sharded_initializer(cfg: LlamaConfig, mesh: Mesh, rules: Rules, dtype=jnp.float32,
+                        std: float = 0.02):
+    """``key -> params``, jitted with the params' shardings as ``out_shardings``: each
+    device generates only its own shards, so no device ever holds the whole model.
+    The shardings come from the logical axes alone (abstract first); the values do not
+    depend on the mesh (each weight's key derives from its path)."""
+    return jax.jit(lambda k: init_params(cfg, k, dtype, std),
+                   out_shardings=param_shardings(cfg, mesh, rules))
+
+
 def init_sharded(cfg: LlamaConfig, key: jax.Array, mesh: Mesh, rules: Rules,
                  dtype=jnp.float32, std: float = 0.02):
-    """Random params created directly in their shardings (abstract first, then jit with
-    out_shardings: each device computes only its own shard)."""
-    shardings = param_shardings(cfg, mesh, rules)
-    init = jax.jit(lambda k: init_params(cfg, k, dtype, std), out_shardings=shardings)
-    return init(key)
+    """Random params created directly in their shardings."""
+    return sharded_initializer(cfg, mesh, rules, dtype, std)(key)
 
 
 def place(tree, shardings):
-    """Put host/device arrays into the given shardings."""
-    return jax.tree.map(lambda x, s: jax.device_put(x, s), tree, shardings)
+    """Put arrays into the given shardings. Host arrays are cut per device
+    (``make_array_from_callback``): each device receives only its shard, and on a
+    multi-process mesh each process fills only its own devices (every process must hold
+    the same host values)."""
+    def put(x, s):
+        if isinstance(x, jax.Array):
+            return jax.device_put(x, s)
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+    return jax.tree.map(put, tree, shardings)
 
 
 def derived_shardings(abstract_tree, params_abstract, params_shardings, mesh: Mesh):

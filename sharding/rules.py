@@ -13,7 +13,10 @@ from typing import Mapping
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from meditron_jax.config import LlamaConfig
 from meditron_jax.errors import UserError
+from meditron_jax.model import is_spec, param_specs
+from sharding.mesh import MESH_AXES, describe
 
 MeshAxes = tuple[str, ...]
 
@@ -32,6 +35,11 @@ class Rules:
         extra = [n for n in self.table if n not in LOGICAL_NAMES]
         if missing or extra:
             raise ValueError(f"rules {self.name!r}: missing {missing}, unknown {extra}")
+        for logical, mesh_axes in self.table.items():
+            if not isinstance(mesh_axes, tuple) or not set(mesh_axes) <= set(MESH_AXES) \
+                    or len(set(mesh_axes)) != len(mesh_axes):
+                raise ValueError(f"rules {self.name!r}: {logical!r} -> {mesh_axes!r}; expected a "
+                                 f"tuple of distinct mesh axes from {MESH_AXES}")
 
     def mesh_axes(self, logical: str | None) -> MeshAxes:
         if logical is None:
@@ -43,19 +51,20 @@ class Rules:
 
     def spec(self, axes: tuple, mesh: Mesh | None = None) -> P:
         """PartitionSpec for one array; mesh axes of size 1 are dropped. Raises if two
-        dimensions of the array would land on the same mesh axis."""
-        sizes = dict(zip(mesh.axis_names, mesh.devices.shape)) if mesh is not None else None
+        dimensions of the array would land on the same mesh axis (checked before
+        dropping, so a bad table fails on every mesh, not only on the big one)."""
+        sizes = dict(mesh.shape) if mesh is not None else None
         used: dict[str, str] = {}
         parts = []
         for logical in axes:
-            mapped = tuple(a for a in self.mesh_axes(logical)
-                           if sizes is None or sizes.get(a, 1) > 1)
-            for a in mapped:
+            for a in self.mesh_axes(logical):
                 if a in used:
                     raise UserError(
                         f"rules {self.name!r}: logical axes {used[a]!r} and {logical!r} of one "
                         f"array {tuple(axes)} both map to mesh axis {a!r}; change one rule")
                 used[a] = logical
+            mapped = tuple(a for a in self.mesh_axes(logical)
+                           if sizes is None or sizes.get(a, 1) > 1)
             parts.append(None if not mapped else mapped[0] if len(mapped) == 1 else mapped)
         while parts and parts[-1] is None:
             parts.pop()
@@ -97,7 +106,7 @@ PRESETS = {"train": TRAIN_RULES, "infer": INFER_RULES}
 
 
 def axis_size(mesh: Mesh, mesh_axes: MeshAxes) -> int:
-    sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
+    sizes = dict(mesh.shape)
     return math.prod(sizes.get(a, 1) for a in mesh_axes)
 
 
@@ -112,19 +121,20 @@ def check_divisible(shape: tuple[int, ...], axes: tuple, rules: Rules, mesh: Mes
         if n > 1 and size % n:
             raise UserError(
                 f"{what}: {logical} size {size} is not divisible by mesh axes "
-                f"{'x'.join(mesh_axes)} = {n}; pick a mesh whose {'x'.join(mesh_axes)} "
+                f"{' x '.join(mesh_axes)} = {n}; pick a mesh whose {' x '.join(mesh_axes)} "
                 f"divides {size}")
 
 
-def check_model_fits(cfg, mesh: Mesh, rules: Rules) -> None:
+def check_model_fits(cfg: LlamaConfig, mesh: Mesh, rules: Rules) -> None:
     """Divisibility of every parameter (kv_heads vs tensor first: the usual mistake)."""
-    from meditron_jax.model import param_specs, is_spec
-    n_tensor = axis_size(mesh, rules.mesh_axes("kv_heads"))
-    if n_tensor > 1 and cfg.num_key_value_heads % n_tensor:
+    kv_axes = rules.mesh_axes("kv_heads")
+    n_kv = axis_size(mesh, kv_axes)
+    kv = cfg.num_key_value_heads
+    if n_kv > 1 and kv % n_kv:
         raise UserError(
-            f"mesh {_describe(mesh)}: the model's {cfg.num_key_value_heads} kv heads are not "
-            f"divisible by tensor={n_tensor}; use tensor in "
-            f"{[d for d in range(1, cfg.num_key_value_heads + 1) if cfg.num_key_value_heads % d == 0]}")
+            f"mesh {describe(mesh)}: the model's {kv} kv heads are not divisible by "
+            f"{' x '.join(kv_axes)}={n_kv}; use {' x '.join(kv_axes)} in "
+            f"{[d for d in range(1, kv + 1) if kv % d == 0]}")
     specs = jax.tree_util.tree_flatten_with_path(param_specs(cfg), is_leaf=is_spec)[0]
     for path, spec in specs:
         name = "/".join(str(getattr(p, "key", p)) for p in path)
@@ -138,12 +148,8 @@ def check_batch(batch_size: int, mesh: Mesh, rules: Rules) -> None:
     if batch_size % n:
         raise UserError(
             f"batch size {batch_size} is not divisible by the data axes "
-            f"{'x'.join(mesh_axes)} = {n} of mesh {_describe(mesh)}; use a batch that is a "
+            f"{' x '.join(mesh_axes)} = {n} of mesh {describe(mesh)}; use a batch that is a "
             f"multiple of {n}")
-
-
-def _describe(mesh: Mesh) -> str:
-    return ",".join(f"{k}={v}" for k, v in zip(mesh.axis_names, mesh.devices.shape))
 
 
 def activation_constrainer(mesh: Mesh, rules: Rules):
