@@ -40,6 +40,13 @@ def test_reference_run_artifacts(reference):
     assert sorted(os.listdir(os.path.join(out, "checkpoints")))[-2:] == ["15", "20"]  # keep=2
 
 
+def test_rerunning_a_finished_run_trains_nothing(reference):
+    out, _, ref = reference
+    again = run_training(tiny_run(out))
+    assert again["start_step"] == again["steps"] == 20 and again["final_loss"] == ref[20]
+    assert losses(again["metrics"]) == ref
+
+
 def test_one_device_matches_eight(reference, tmp_path):
     _, _, ref = reference
     one = run_training(tiny_run(tmp_path, train={"mesh": "fsdp=1"}))

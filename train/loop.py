@@ -28,7 +28,7 @@ from sharding import (PRESETS, activation_constrainer, check_batch, check_model_
 from train import setup
 from train.checkpoints import Checkpointer, Preemption
 from train.config import RunConfig
-from train.metrics import MetricsWriter, Throughput, peak_flops, plot_losses
+from train.metrics import MetricsWriter, Throughput, peak_flops, plot_losses, read_metrics
 from train.optim import make_optimizer, schedule
 from train.step import (StepOptions, abstract_state, batch_shardings, init_state,
                         jit_eval_step, jit_train_step, make_eval_step, make_train_step,
@@ -219,6 +219,8 @@ def _finish(run, cfg, out, state, lcfg, ckpt, writer, last, start, step, preempt
     plot = None
     if run.log.plot and jax.process_index() == 0:
         plot = plot_losses(writer.path, os.path.join(out, "loss.png"))
+    if not last:  # nothing left to train: report the finished run's last step
+        last = next((r for r in reversed(read_metrics(writer.path)) if "loss" in r), {})
     counts = data.train.counts
     if counts["overlong"]:
         writer.message(f"data: {counts['overlong']} of {counts['examples']} examples were longer "
