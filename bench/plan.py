@@ -40,8 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq", type=int, default=2048,
                         help="train: tokens per row; infer: KV cache length")
     parser.add_argument("--target", default="cpu:8",
-                        help=f"devices to compile for: {', '.join(TARGET_EXAMPLES)} (TPU "
-                             "targets need libtpu: pip install 'meditron-jax[tpu]'; no TPU needed)")
+                        help=f"devices to compile for: {', '.join(TARGET_EXAMPLES)}; "
+                             "tpu:GEN:TOPOLOGY:N for N slices (TPU targets need libtpu: "
+                             "pip install 'meditron-jax[tpu]'; no TPU needed)")
     parser.add_argument("--remat", choices=REMAT_POLICIES, default="full",
                         help="train: activation rematerialization policy")
     parser.add_argument("--grad-accum", type=int, default=1,

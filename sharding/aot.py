@@ -1,7 +1,7 @@
 """Ahead-of-time plans: compile a step for a target's devices from abstract inputs only.
 
-A target is ``cpu:N`` (this host's CPU devices) or ``tpu:GEN:TOPOLOGY`` (e.g.
-``tpu:v6e:2x4``): a TPU slice described by libtpu (``pip install '.[tpu]'``) without
+A target is ``cpu:N`` (this host's CPU devices) or ``tpu:GEN:TOPOLOGY[:SLICES]`` (e.g.
+``tpu:v6e:2x4``): TPU slices described by libtpu (``pip install '.[tpu]'``) without
 any TPU attached. The step is lowered and compiled against ``ShapeDtypeStruct``
 arguments, so no weights are read and no device memory is allocated; XLA then
 reports per-device memory, and the TPU compiler refuses a program that does not fit
@@ -62,13 +62,17 @@ class Target:
 
 
 def resolve_target(spec: str) -> Target:
-    """``cpu``, ``cpu:N`` or ``tpu:GEN:TOPOLOGY`` -> devices to compile for."""
+    """``cpu``, ``cpu:N`` or ``tpu:GEN:TOPOLOGY[:SLICES]`` -> devices to compile for
+    (``tpu:v5e:2x4:2``: two v5e-8 slices joined by the data-centre network)."""
     parts = spec.strip().lower().split(":")
     if parts[0] == "cpu" and len(parts) <= 2:
         return _cpu_target(spec, parts[1] if len(parts) == 2 else None)
-    if parts[0] == "tpu" and len(parts) == 3:
-        return _tpu_target(spec, parts[1], parts[2])
-    raise UserError(f"target {spec!r}: expected cpu:N or tpu:GEN:TOPOLOGY, e.g. "
+    if parts[0] == "tpu" and len(parts) in (3, 4):
+        slices = parts[3] if len(parts) == 4 else "1"
+        if not slices.isdigit() or int(slices) < 1:
+            raise UserError(f"target {spec!r}: the slice count must be a positive integer")
+        return _tpu_target(spec, parts[1], parts[2], int(slices))
+    raise UserError(f"target {spec!r}: expected cpu:N or tpu:GEN:TOPOLOGY[:SLICES], e.g. "
                     f"{', '.join(TARGET_EXAMPLES)}")
 
 
@@ -87,7 +91,7 @@ def _cpu_target(spec: str, count: str | None) -> Target:
     return Target(f"cpu:{n}", tuple(devices[:n]), ram // n, f"host RAM / {n}")
 
 
-def _tpu_target(spec: str, generation: str, topology: str) -> Target:
+def _tpu_target(spec: str, generation: str, topology: str, slices: int) -> Target:
     gen = TPU_GENERATIONS.get(generation)
     if gen is None:
         raise UserError(f"target {spec!r}: unknown TPU generation {generation!r}; use one of "
@@ -111,12 +115,13 @@ def _tpu_target(spec: str, generation: str, topology: str) -> Target:
     try:
         topo = topologies.get_topology_desc(
             platform="tpu", topology_name=f"{generation}:{topology}",
-            chip_config_name=gen.chip_config, chips_per_host_bounds=bounds, num_slices=1,
+            chip_config_name=gen.chip_config, chips_per_host_bounds=bounds, num_slices=slices,
             wrap=(False, False, False))
     except (RuntimeError, ValueError) as exc:
         raise UserError(f"target {spec!r}: libtpu refused the topology: "
                         f"{_first_line(exc)}") from None
-    return Target(f"tpu:{generation}:{topology}", tuple(topo.devices), gen.hbm_bytes, "HBM")
+    name = f"tpu:{generation}:{topology}" + (f":{slices}" if slices > 1 else "")
+    return Target(name, tuple(topo.devices), gen.hbm_bytes, "HBM")
 
 
 @dataclasses.dataclass

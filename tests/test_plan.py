@@ -4,6 +4,9 @@ tests/test_plan_tpu.py; their numbers for every target are in bench/PLAN.md)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +18,7 @@ from meditron_jax.config import preset
 from meditron_jax.model import abstract_params, forward
 from sharding.aot import refusal_sizes, step_flops
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIG = preset("meditron3-8b")
 TINY = preset("tiny")
 
@@ -54,13 +58,18 @@ def test_decode_plan_counts_one_step_per_token():
     assert plan.memory.fits and plan.memory.arguments > 0
 
 
-def test_cli_writes_the_plan(tmp_path, capsys):
+def test_cli_writes_the_plan(tmp_path):
+    """As a user runs it: a fresh process with neither JAX_PLATFORMS nor XLA_FLAGS (plan
+    makes its own 8 CPU devices) and, with libtpu installed, no TPU start-up noise."""
     out = tmp_path / "plan.json"
-    rc = main(["plan", "--model", "tiny", "--target", "cpu:8", "--mesh", "data=2,fsdp=4",
-               "--batch", "8", "--seq", "64", "--json", str(out)])
-    text = capsys.readouterr().out
-    assert rc == 0, text
-    assert "tiny train step on cpu:8" in text and "fits" in text
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "meditron_jax", "plan", "--model", "tiny", "--target", "cpu:8",
+         "--mesh", "data=2,fsdp=4", "--batch", "8", "--seq", "64", "--json", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "tiny train step on cpu:8" in proc.stdout and "fits" in proc.stdout
+    assert "TPU" not in proc.stderr, proc.stderr
     data = json.loads(out.read_text())
     assert data["memory"]["fits"] is True and data["flops"] > 0
     assert data["mesh"] == "data=2,fsdp=4,tensor=1"
@@ -70,6 +79,7 @@ def test_cli_writes_the_plan(tmp_path, capsys):
     (["--target", "tpu:v9:2x2"], "unknown TPU generation 'v9'"),
     (["--target", "tpu:v5p:2x2"], "a v5p topology has 3 dimensions"),
     (["--target", "gpu:8"], "expected cpu:N or tpu:GEN:TOPOLOGY"),
+    (["--target", "tpu:v5e:2x4:0"], "slice count must be a positive integer"),
     (["--target", "cpu:64"], "this process has 8 CPU device"),
     (["--mesh", "tensor=3"], "8 kv heads are not divisible by tensor=3"),
     (["--mesh", "fsdp=8", "--batch", "6"], "batch size 6 is not divisible"),
