@@ -34,8 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=("train", "infer"), default="train",
                         help="train: one optimizer step; infer: the KV-cache decode loop")
     parser.add_argument("--mesh", default=None,
-                        help="mesh spec, e.g. fsdp=8 or data=2,fsdp=2,tensor=2 (default: "
-                             "fsdp=-1 for train, tensor=-1 for infer)")
+                        help="mesh spec, e.g. fsdp=8 or data=2,fsdp=2,tensor=2; None means "
+                             "fsdp=-1 for train, tensor=-1 for infer")
     parser.add_argument("--batch", type=int, default=8, help="global batch (rows)")
     parser.add_argument("--seq", type=int, default=2048,
                         help="train: tokens per row; infer: KV cache length")
@@ -48,8 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grad-accum", type=int, default=1,
                         help="train: micro-batches per step")
     parser.add_argument("--param-dtype", choices=tuple(DTYPES), default=None,
-                        help="weights' dtype (default: float32 master weights for train, "
-                             "bfloat16 for infer)")
+                        help="weights' dtype; None means float32 master weights for train, "
+                             "bfloat16 for infer")
     parser.add_argument("--compute-dtype", choices=tuple(DTYPES), default="bfloat16",
                         help="train: matmul dtype")
     parser.add_argument("--json", default=None, metavar="PATH",

@@ -50,9 +50,10 @@ class Rules:
             raise UserError(f"rules {self.name!r}: no rule for logical axis {logical!r}") from None
 
     def spec(self, axes: tuple, mesh: Mesh | None = None) -> P:
-        """PartitionSpec for one array; mesh axes of size 1 are dropped. Raises if two
-        dimensions of the array would land on the same mesh axis (checked before
-        dropping, so a bad table fails on every mesh, not only on the big one)."""
+        """PartitionSpec for one array on ``mesh`` (a Mesh or an AbstractMesh; None keeps
+        every mapped axis); mesh axes of size 1 are dropped. Raises if two dimensions of
+        the array would land on the same mesh axis (checked before dropping, so a bad
+        table fails on every mesh, not only on the big one)."""
         sizes = dict(mesh.shape) if mesh is not None else None
         used: dict[str, str] = {}
         parts = []
