@@ -4,6 +4,10 @@ Layout ``[layers, batch, max_len, kv_heads, head_dim]``: the layer axis leads so
 scanned decoder writes layer ``i`` with one ``dynamic_update_slice`` into the carried
 buffer (in place under donation), and ``kv_heads`` sits where tensor parallelism
 shards it, matching the k/v projection weights.
+
+With unstacked layers (``model.unstack_layers``, the CPU decode layout) the cache
+holds a tuple of per-layer head-major ``[batch, kv_heads, max_len, head_dim]``
+buffers instead (``model.per_layer_cache``).
 """
 from __future__ import annotations
 
@@ -35,7 +39,9 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        # S is axis 2 both stacked [L,B,S,K,H] and per layer [B,K,S,H] (model.per_layer_cache)
+        k = self.k[0] if isinstance(self.k, (list, tuple)) else self.k
+        return k.shape[2]
 
     @staticmethod
     def logical_axes() -> "KVCache":

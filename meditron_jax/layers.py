@@ -81,6 +81,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     """
     if impl == "einsum":
         return _einsum_attention(q, k, v, mask)
+    if impl is None:
+        # An additive bias instead of a select: the select's backward keeps the mask,
+        # broadcast to every layer's [B,N,T,S] logits, as a scanned residual (a
+        # 0.6 GB write per training step at 4x512; bench/NOTES.md).
+        bias = jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min * 0.7).astype(jnp.float32)
+        return jax.nn.dot_product_attention(q, k, v, bias=bias)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
 
 
@@ -97,7 +103,28 @@ def _einsum_attention(q, k, v, mask):
     return out.reshape(b, t, n, h)
 
 
+def attention_head_major(q: jax.Array, k: jax.Array, v: jax.Array,
+                         mask: jax.Array) -> jax.Array:
+    """Grouped-query attention over head-major keys/values, softmax in float32.
+
+    q [B,T,N,H], k/v [B,K,S,H], mask [B,1,T,S] -> [B,T,N,H]. With (B, K) leading and
+    H minor, each head's keys are one contiguous [S, H] block that XLA:CPU's batched
+    dot reads in place; the [B,S,K,H] layout makes it transpose the whole cache first
+    (8x slower decode attention at batch 8, bench/NOTES.md).
+    """
+    b, t, n, h = q.shape
+    kv_heads = k.shape[1]
+    qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
+    logits = jnp.einsum("BTKGH,BKSH->BKGTS", qg, k, preferred_element_type=jnp.float32)
+    logits = logits / np.float32(math.sqrt(h))
+    logits = jnp.where(mask[:, :, None, :, :], logits, jnp.finfo(jnp.float32).min * 0.7)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, v)
+    return out.reshape(b, t, n, h)
+
+
 def swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
-    g = jnp.einsum("BTD,DF->BTF", x, gate)
-    u = jnp.einsum("BTD,DF->BTF", x, up)
-    return jnp.einsum("BTF,FD->BTD", jax.nn.silu(g) * u, down)
+    """x [..., D] -> [..., D] (the model passes [B*T, D] rows)."""
+    g = jnp.einsum("...D,DF->...F", x, gate)
+    u = jnp.einsum("...D,DF->...F", x, up)
+    return jnp.einsum("...F,FD->...D", jax.nn.silu(g) * u, down)

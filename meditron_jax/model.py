@@ -19,7 +19,8 @@ import jax.numpy as jnp
 from meditron_jax.config import LlamaConfig
 from meditron_jax.errors import UserError
 from meditron_jax.kvcache import KVCache
-from meditron_jax.layers import apply_rope, attention, attention_mask, rms_norm, rope_tables, swiglu
+from meditron_jax.layers import (apply_rope, attention, attention_head_major, attention_mask,
+                                 rms_norm, rope_tables, swiglu)
 from meditron_jax.lora import merge_layer
 
 Params = dict
@@ -183,33 +184,50 @@ def forward(params: Params, tokens: jax.Array, cfg: LlamaConfig, *,
             lp = merge_layer(lp, adapters, lora[1])
         w = jax.tree.map(lambda a: a.astype(dtype), lp)
         x = constrain(x, ("batch", "seq", None))
-        h = rms_norm(x, w["attn_norm"], eps)
-        q = jnp.einsum("BTD,DNH->BTNH", h, w["q"])
-        k = jnp.einsum("BTD,DKH->BTKH", h, w["k"])
-        v = jnp.einsum("BTD,DKH->BTKH", h, w["v"])
+        # Matmuls on [M = B*T, D] rows: one contracting dim in each weight gradient,
+        # which XLA:CPU computes in place; with (B, T) it first transposes the
+        # activations (a slow copy per matmul per layer, bench/NOTES.md).
+        h = rms_norm(x, w["attn_norm"], eps).reshape(b * t, -1)
+        q = jnp.einsum("MD,DNH->MNH", h, w["q"]).reshape(b, t, *w["q"].shape[1:])
+        k = jnp.einsum("MD,DKH->MKH", h, w["k"]).reshape(b, t, *w["k"].shape[1:])
+        v = jnp.einsum("MD,DKH->MKH", h, w["v"]).reshape(b, t, *w["v"].shape[1:])
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
-        if k_cache is not None:
+        if k_cache is not None and i is None:  # this layer's own [B,K,S,H] buffers
             k_cache = jax.lax.dynamic_update_slice(
-                k_cache, k[None].astype(k_cache.dtype), (i, 0, start, 0, 0))
+                k_cache, k.swapaxes(1, 2).astype(k_cache.dtype), (0, 0, start, 0))
             v_cache = jax.lax.dynamic_update_slice(
-                v_cache, v[None].astype(v_cache.dtype), (i, 0, start, 0, 0))
-            k = jax.lax.dynamic_index_in_dim(k_cache, i, 0, keepdims=False).astype(dtype)
-            v = jax.lax.dynamic_index_in_dim(v_cache, i, 0, keepdims=False).astype(dtype)
-        attn = attention(q, k, v, mask, attention_impl)
-        x = x + jnp.einsum("BTNH,NHD->BTD", attn, w["o"])
-        h = rms_norm(x, w["mlp_norm"], eps)
-        x = x + swiglu(h, w["gate"], w["up"], w["down"])
+                v_cache, v.swapaxes(1, 2).astype(v_cache.dtype), (0, 0, start, 0))
+            attn = attention_head_major(q, k_cache.astype(dtype), v_cache.astype(dtype), mask)
+        else:
+            if k_cache is not None:
+                k_cache = jax.lax.dynamic_update_slice(
+                    k_cache, k[None].astype(k_cache.dtype), (i, 0, start, 0, 0))
+                v_cache = jax.lax.dynamic_update_slice(
+                    v_cache, v[None].astype(v_cache.dtype), (i, 0, start, 0, 0))
+                k = jax.lax.dynamic_index_in_dim(k_cache, i, 0, keepdims=False).astype(dtype)
+                v = jax.lax.dynamic_index_in_dim(v_cache, i, 0, keepdims=False).astype(dtype)
+            attn = attention(q, k, v, mask, attention_impl)
+        # One contraction over E = N*H: with (N, H) as two contracting dims XLA:CPU
+        # may transpose the o weight (not the small activation) at every decode step.
+        out = jnp.einsum("ME,ED->MD", attn.reshape(b * t, -1),
+                         w["o"].reshape(-1, w["o"].shape[-1]))
+        x = x + out.reshape(x.shape)
+        h = rms_norm(x, w["mlp_norm"], eps).reshape(b * t, -1)
+        x = x + swiglu(h, w["gate"], w["up"], w["down"]).reshape(x.shape)
         return (x, k_cache, v_cache), None
 
     block = _remat(block, remat)
     init = (x, cache.k if cache is not None else None, cache.v if cache is not None else None)
     if isinstance(params["layers"], (list, tuple)):  # unstacked: see unstack_layers
-        carry = init
+        ks, vs = per_layer_cache(cache) if cache is not None else (None, None)
+        new_k, new_v = [], []
         for i, lp in enumerate(params["layers"]):
             adapters = jax.tree.map(lambda a: a[i], lora[0]) if lora else None
-            carry, _ = block(carry, (lp, adapters, i))
-        x, k_cache, v_cache = carry
+            (x, k_i, v_i), _ = block((x, ks and ks[i], vs and vs[i]), (lp, adapters, None))
+            new_k.append(k_i)
+            new_v.append(v_i)
+        k_cache, v_cache = (tuple(new_k), tuple(new_v)) if cache is not None else (None, None)
     else:
         layer_ids = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
         (x, k_cache, v_cache), _ = jax.lax.scan(
@@ -238,6 +256,17 @@ def unstack_layers(params: Params) -> Params:
     layers = params["layers"]
     n = jax.tree.leaves(layers)[0].shape[0]
     return {**params, "layers": tuple(jax.tree.map(lambda a: a[i], layers) for i in range(n))}
+
+
+def per_layer_cache(cache: KVCache) -> tuple[tuple, tuple]:
+    """The cache as one head-major [B, K, S, H] buffer per layer (the unstacked
+    layers' layout): a stacked [L, B, S, K, H] cache is split and transposed once
+    (in prefill, where it is still empty), and the decode loop then carries the
+    per-layer buffers, which each layer updates and reads in place."""
+    if isinstance(cache.k, (list, tuple)):
+        return tuple(cache.k), tuple(cache.v)
+    split = lambda c: tuple(c[i].swapaxes(1, 2) for i in range(c.shape[0]))  # noqa: E731
+    return split(cache.k), split(cache.v)
 
 
 def logits_from_hidden(params: Params, x: jax.Array, cfg: LlamaConfig,

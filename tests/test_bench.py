@@ -130,14 +130,15 @@ def test_help_shows_defaults(capsys):
 
 
 def test_unstacked_layers_compute_what_the_scan_computes():
-    """The CPU decode layout (model.unstack_layers): same logits and same cache as the
-    scanned layers, for a full forward and for a cached step after a prefill."""
+    """The CPU decode layout (model.unstack_layers, per-layer head-major cache): same
+    logits and same cache as the scanned layers, for a full forward and for a cached
+    step after a prefill."""
     import jax
     import jax.numpy as jnp
 
     from meditron_jax.config import preset
     from meditron_jax.kvcache import KVCache
-    from meditron_jax.model import forward, init_params, unstack_layers
+    from meditron_jax.model import forward, init_params, per_layer_cache, unstack_layers
 
     cfg = preset("tiny")
     stacked = init_params(cfg, jax.random.key(0), std=0.25)
@@ -149,7 +150,8 @@ def test_unstacked_layers_compute_what_the_scan_computes():
         full, _ = forward(params, tokens, cfg)
         _, cache = forward(params, tokens[:, :11], cfg, cache=KVCache.init(cfg, 2, 16))
         step, cache = forward(params, tokens[:, 11:], cfg, cache=cache)
-        return full, step, cache.k
+        assert cache.max_len == 16
+        return full, step, jnp.stack(per_layer_cache(cache)[0])  # [L,B,K,S,H]
 
     for a, b in zip(run(stacked), run(unstacked)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
