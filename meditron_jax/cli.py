@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train.cli", "continued pretraining / fine-tuning from a YAML run config"),
     "plan": ("bench.plan", "ahead-of-time memory and FLOPs plan for a mesh and target (no weights)"),
     "bench": ("bench.cli", "benchmark against transformers and the machine's ceilings"),
-    "demo": ("meditron_jax.demo", "the whole mission end to end on a tiny model (make demo)"),
+    "demo": ("demo.run", "the whole mission end to end on a tiny model (make demo)"),
 }
 
 
