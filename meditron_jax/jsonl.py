@@ -117,3 +117,16 @@ class JsonlAppender:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def read_json_file(path: str | os.PathLike, default=None):
+    """A whole JSON file, or ``default`` when it does not exist; malformed JSON is a
+    one-line error naming the file and line."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        return default
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: malformed JSON (line {exc.lineno}: {exc.msg})") from None

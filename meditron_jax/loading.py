@@ -7,15 +7,13 @@ requested shardings), the tokenizer when present, and the generation config.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Callable
 
-import jax
-import numpy as np
 
 from meditron_jax.config import LlamaConfig
 from meditron_jax.errors import UserError
+from meditron_jax.jsonl import read_json_file
 from meditron_jax.tokenizer import Tokenizer
 
 ShardingsFn = Callable[[LlamaConfig], object]
@@ -55,14 +53,7 @@ def directory_kind(path: str) -> str:
 
 
 def read_generation_config(path: str) -> dict:
-    file = os.path.join(path, "generation_config.json")
-    if not os.path.exists(file):
-        return {}
-    try:
-        with open(file, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{file}: malformed JSON (line {exc.lineno}: {exc.msg})") from None
+    return read_json_file(os.path.join(path, "generation_config.json"), {})
 
 
 def load_tokenizer(path: str) -> Tokenizer | None:

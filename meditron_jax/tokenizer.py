@@ -12,6 +12,7 @@ import os
 from typing import Sequence
 
 from meditron_jax.errors import UserError
+from meditron_jax.jsonl import read_json_file
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "special_tokens_map.json")
@@ -46,7 +47,7 @@ class Tokenizer:
             tok = HFTokenizer.from_file(file)
         except Exception as exc:  # tokenizers raises a bare Exception on bad files
             raise UserError(f"{file}: not a valid tokenizer.json ({exc})") from None
-        cfg = _read_json(os.path.join(os.path.dirname(file), "tokenizer_config.json"))
+        cfg = read_json_file(os.path.join(os.path.dirname(file), "tokenizer_config.json"), {})
         bos = _token_id(tok, cfg.get("bos_token")) if cfg else None
         eos = _token_id(tok, cfg.get("eos_token")) if cfg else None
         if bos is None:
@@ -100,16 +101,6 @@ class Tokenizer:
         if self.kind == "sentencepiece":
             return self._backend.DecodeIds(ids)
         return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
-
-
-def _read_json(path: str) -> dict:
-    if not os.path.exists(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: malformed JSON (line {exc.lineno}: {exc.msg})") from None
 
 
 def _token_id(tok, token) -> int | None:
