@@ -111,8 +111,9 @@ def test_peak_rss_is_near_one_block_not_the_model(synthetic, tiny_hf_dir, tmp_pa
               f"peak {peak / mib:.0f} MiB -> {(peak - baseline) / mib:.0f} MiB above baseline "
               f"({(peak - baseline) / largest:.2f} x largest tensor)")
     # The bound is "well under 2x the largest tensor over the baseline"; streaming
-    # in blocks of 16 MiB (bf16) makes it a few blocks, a fraction of one tensor.
-    assert peak - baseline < largest, (peak, baseline, largest)
+    # in blocks of 16 MiB (bf16) makes it a few blocks, a fraction of one tensor
+    # (0.35-0.88x measured; the high end on a loaded machine, hence the 1.25x margin).
+    assert peak - baseline < 1.25 * largest, (peak, baseline, largest)
 
 
 def test_killed_conversion_keeps_old_checkpoint_and_rerun_completes(synthetic, tiny_hf_dir, tmp_path):
