@@ -2,8 +2,8 @@
 
 ``meditron_jax`` knows nothing of meshes, ``sharding`` nothing of training or
 inference, and ``train`` and ``infer`` never import each other. Only the entry points
-above the layers (``meditron_jax/cli.py``, ``meditron_jax/__main__.py``) and ``bench/``
-may reach everything. Imports are read with ``ast`` (lazy imports inside functions
+above the layers (``meditron_jax/cli.py``, ``meditron_jax/__main__.py``), ``bench/``
+and ``demo/`` may reach everything, and nothing below imports them. Imports are read with ``ast`` (lazy imports inside functions
 count too), so nothing is executed.
 """
 from __future__ import annotations
@@ -12,14 +12,15 @@ import ast
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGES = ("meditron_jax", "sharding", "train", "infer", "bench")
+PACKAGES = ("meditron_jax", "sharding", "train", "infer", "bench", "demo")
 # package -> our packages it must not import
 FORBIDDEN = {
-    "meditron_jax": {"sharding", "train", "infer", "bench"},
-    "sharding": {"train", "infer", "bench"},
-    "train": {"infer", "bench"},
-    "infer": {"train", "bench"},
-    "bench": set(),
+    "meditron_jax": {"sharding", "train", "infer", "bench", "demo"},
+    "sharding": {"train", "infer", "bench", "demo"},
+    "train": {"infer", "bench", "demo"},
+    "infer": {"train", "bench", "demo"},
+    "bench": {"demo"},
+    "demo": {"bench"},
 }
 ENTRY_POINTS = {os.path.join("meditron_jax", "cli.py"), os.path.join("meditron_jax", "__main__.py")}
 
