@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.timing import median_seconds
+from bench.timing import OtherLoad, median_seconds
 
 MATMUL_N = 3072             # large enough that every library reaches its plateau on CPU
 READ_BYTES = 512 * 2 ** 20  # 16x the L3 cache of the benchmark machine: a DRAM read
@@ -47,10 +47,23 @@ def _read_libs(nbytes: int):
 def measure(repeats: int = 5, matmul_n: int = MATMUL_N, read_bytes: int = READ_BYTES) -> dict:
     """Medians per library and the best of them, as the JSON ``ceilings`` entry."""
     flops = 2.0 * matmul_n ** 3
-    matmul = {lib: flops / median_seconds(fn, repeats) / 1e9
-              for lib, fn in _matmul_libs(matmul_n).items()}
-    read = {lib: read_bytes / median_seconds(fn, max(repeats, 10)) / 1e9
-            for lib, fn in _read_libs(read_bytes).items()}
+    with OtherLoad() as load:
+        matmul = {lib: flops / median_seconds(fn, repeats) / 1e9
+                  for lib, fn in _matmul_libs(matmul_n).items()}
+        read = {lib: read_bytes / median_seconds(fn, max(repeats, 10)) / 1e9
+                for lib, fn in _read_libs(read_bytes).items()}
     return {"matmul_gflops": max(matmul.values()), "read_gbps": max(read.values()),
             "matmul_gflops_by_library": matmul, "read_gbps_by_library": read,
-            "matmul_n": matmul_n, "read_bytes": read_bytes}
+            "matmul_n": matmul_n, "read_bytes": read_bytes, "other_load": [load.value]}
+
+
+def combine(first: dict, last: dict) -> dict:
+    """Ceilings measured before and after the run: the best of each figure, so a
+    moment of contention on a shared machine does not lower the ceiling."""
+    out = dict(first)
+    for key in ("matmul_gflops_by_library", "read_gbps_by_library"):
+        out[key] = {lib: max(v, last[key][lib]) for lib, v in first[key].items()}
+    out["matmul_gflops"] = max(out["matmul_gflops_by_library"].values())
+    out["read_gbps"] = max(out["read_gbps_by_library"].values())
+    out["other_load"] = first["other_load"] + last["other_load"]
+    return out

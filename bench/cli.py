@@ -17,7 +17,7 @@ import tempfile
 import time
 
 from bench import beyond_cpu, ceilings, machine, report
-from bench.presets import BENCHMARKS, PRESETS, parse_list
+from bench.presets import BENCHMARKS, PRESETS, parse_list, peak_gib_estimate
 from meditron_jax.errors import UserError
 
 
@@ -89,20 +89,26 @@ def _worker(kind: str, out_dir: str, args, timeout: float, **opts) -> dict:
 def measure(args, presets: list[str], benches: list[str], workdir: str) -> dict:
     started = time.time()
     result: dict = {"machine": machine.describe(args.threads)}
-    limits = _worker("ceilings", workdir, args, args.worker_timeout,
-                     **{"matmul-n": args.ceiling_matmul_n, "read-mib": args.ceiling_read_mib})
-    result["ceilings"] = limits["results"]
+    sizes = {"matmul-n": args.ceiling_matmul_n, "read-mib": args.ceiling_read_mib}
+    limits = _worker("ceilings", workdir, args, args.worker_timeout, **sizes)
     result["machine"]["pinned_cpus"] = limits["cpus"]
     rss: dict = {}
+    measured: dict = {}
     for name in presets:
-        weights = os.path.join(workdir, f"weights-{name}")
-        common = dict(preset=name, benches=",".join(benches), weights=weights)
-        theirs = _worker("transformers", workdir, args, args.worker_timeout, **common)
-        ours = _worker("ours", workdir, args, args.worker_timeout, **common)
+        runnable, skipped = _fitting(PRESETS[name], benches)
+        ours = theirs = {"results": {}, "peak_rss_gb": None}
+        if runnable:
+            weights = os.path.join(workdir, f"weights-{name}")
+            common = dict(preset=name, benches=",".join(runnable), weights=weights)
+            theirs = _worker("transformers", workdir, args, args.worker_timeout, **common)
+            ours = _worker("ours", workdir, args, args.worker_timeout, **common)
         rss[name] = {"ours": ours["peak_rss_gb"], "transformers": theirs["peak_rss_gb"]}
-        result[name] = {b: report.bench_entry(PRESETS[name], b, ours["results"][b],
-                                              theirs["results"][b], result["ceilings"])
-                        for b in benches}
+        measured[name] = ({**skipped, **ours["results"]}, {**skipped, **theirs["results"]})
+    last = _worker("ceilings", workdir, args, args.worker_timeout, **sizes)
+    result["ceilings"] = ceilings.combine(limits["results"], last["results"])
+    for name, (ours, theirs) in measured.items():
+        result[name] = {b: report.bench_entry(PRESETS[name], b, ours[b], theirs[b],
+                                              result["ceilings"]) for b in benches}
     if not args.no_plan:
         result["beyond_cpu"] = _worker("plan", workdir, args, args.worker_timeout)["results"]
     result["machine"].update(machine.load_after(), peak_rss_gb=rss,
@@ -110,6 +116,21 @@ def measure(args, presets: list[str], benches: list[str], workdir: str) -> dict:
     result["settings"] = {"presets": presets, "benches": benches, "repeats": args.repeats,
                           "threads": args.threads, "seed": args.seed}
     return result
+
+
+def _fitting(p, benches: list[str]) -> tuple[list[str], dict]:
+    """Benchmarks whose estimated peak memory fits what the machine has free now; the
+    others are reported as skipped rather than risking the OOM killer on a shared box."""
+    free = machine.available_gib()
+    runnable, skipped = [], {}
+    for bench in benches:
+        need = peak_gib_estimate(p, bench)
+        if need <= free:
+            runnable.append(bench)
+        else:
+            skipped[bench] = {"missing": f"skipped: needs ~{need:.0f} GiB, {free:.0f} GiB free"}
+            print(f"bench: {p.name} {bench} {skipped[bench]['missing']}", file=sys.stderr)
+    return runnable, skipped
 
 
 def _write_json(path: str, data: dict) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 
 from bench import presets as workloads
 from bench.presets import BenchPreset
-from bench.timing import median_seconds, timed
+from bench.timing import OtherLoad, median_seconds, timed
 
 
 def build_model(p: BenchPreset, seed: int):
@@ -71,6 +71,8 @@ def _train(model, p: BenchPreset, repeats: int) -> dict:
     hp = workloads.TRAIN_HPARAMS
     tokens = torch.from_numpy(workloads.forward_tokens(p))
     model.train()
+    if p.work.train_remat == "full":
+        model.gradient_checkpointing_enable()
     decay = [w for n, w in model.named_parameters() if w.ndim > 1 and "embed" not in n]
     no_decay = [w for n, w in model.named_parameters() if not (w.ndim > 1 and "embed" not in n)]
     # The fused CPU kernel is torch's fastest AdamW: the strongest baseline.
@@ -100,10 +102,12 @@ def run(p: BenchPreset, benches: list[str], repeats: int, seed: int, weights_dir
     results = {}
     # Training last: it changes the weights the other benchmarks share with our side.
     for bench in sorted(benches, key=lambda b: b == "train"):
-        if bench == "forward":
-            results[bench] = _forward(model, p, repeats, weights_dir)
-        elif bench == "train":
-            results[bench] = _train(model, p, repeats)
-        else:
-            results[bench] = _generate(model, p, bench, repeats)
+        with OtherLoad() as load:
+            if bench == "forward":
+                results[bench] = _forward(model, p, repeats, weights_dir)
+            elif bench == "train":
+                results[bench] = _train(model, p, repeats)
+            else:
+                results[bench] = _generate(model, p, bench, repeats)
+        results[bench]["other_load"] = load.value
     return results

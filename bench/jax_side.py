@@ -13,7 +13,7 @@ import numpy as np
 
 from bench import presets as workloads
 from bench.presets import BenchPreset
-from bench.timing import CompileCounter, median_seconds, timed
+from bench.timing import CompileCounter, OtherLoad, median_seconds, timed
 
 
 def _measured(counter: CompileCounter, warmup, step, repeats: int) -> dict:
@@ -76,7 +76,7 @@ def _generate(model, p: BenchPreset, bench: str, repeats: int, counter: CompileC
 
 def _train(params, p: BenchPreset, repeats: int, counter: CompileCounter) -> dict:
     """One AdamW step through train's jitted, donated ``train_step`` on a 1-device mesh,
-    float32 compute, no remat (transformers' side keeps every activation too)."""
+    float32 compute, the preset's remat policy (the same as transformers' side)."""
     import jax
     import jax.numpy as jnp
 
@@ -92,7 +92,7 @@ def _train(params, p: BenchPreset, repeats: int, counter: CompileCounter) -> dic
                          eps=hp["eps"], clip_norm=hp["clip_norm"])
     optimizer = make_optimizer(optim, total_steps=1)
     mesh, rules = make_mesh("data=1", jax.devices()[:1]), RULES["train"]
-    opts = StepOptions(compute_dtype=jnp.float32, remat="none")
+    opts = StepOptions(compute_dtype=jnp.float32, remat=p.work.train_remat)
     shardings = state_shardings(p.cfg, abstract_state(p.cfg, optimizer), mesh, rules)
     step_fn = jit_train_step(
         make_train_step(p.cfg, optimizer, schedule(optim, 1), opts,
@@ -124,13 +124,17 @@ def run(p: BenchPreset, benches: list[str], repeats: int, weights_dir: str) -> d
     results = {}
     # Training last: its donated state consumes the loaded parameters.
     for bench in sorted(benches, key=lambda b: b == "train"):
-        if bench == "forward":
-            results[bench] = _forward(model.params, p, repeats, counter, weights_dir)
-        elif bench == "train":
+        if bench == "train":
             decoding = None  # free the per-layer copies first
-            results[bench] = _train(model.params, p, repeats, counter)
-        else:
-            if decoding is None:  # per-layer weight buffers: XLA:CPU decodes faster
-                decoding = dataclasses.replace(model, params=unstack_layers(model.params))
-            results[bench] = _generate(decoding, p, bench, repeats, counter)
+        elif bench != "forward" and decoding is None:
+            # per-layer weight buffers: XLA:CPU decodes faster (model.unstack_layers)
+            decoding = dataclasses.replace(model, params=unstack_layers(model.params))
+        with OtherLoad() as load:
+            if bench == "forward":
+                results[bench] = _forward(model.params, p, repeats, counter, weights_dir)
+            elif bench == "train":
+                results[bench] = _train(model.params, p, repeats, counter)
+            else:
+                results[bench] = _generate(decoding, p, bench, repeats, counter)
+        results[bench]["other_load"] = load.value
     return results

@@ -34,6 +34,15 @@ def _mem_total_gb() -> float | None:
     return None
 
 
+def available_gib() -> float:
+    """Memory the kernel could give a new process now (MemAvailable)."""
+    with open("/proc/meminfo", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2 ** 20
+    return float("inf")
+
+
 def _version(lib: str) -> str | None:
     try:
         return metadata.version(lib)

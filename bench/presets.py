@@ -22,6 +22,10 @@ class Workload:
     prompt_len: int       # generation prompt length
     new_tokens: int       # generated tokens per row
     decode_batches: tuple[int, int] = (1, 8)
+    # Activation checkpointing of every layer in the training step, on both sides
+    # ("full": transformers' gradient checkpointing, our remat="full"); "none" keeps
+    # every activation, as transformers does by default.
+    train_remat: str = "none"
 
     def decode_batch(self, bench: str) -> int:
         return self.decode_batches[0] if bench == "decode_b1" else self.decode_batches[1]
@@ -46,7 +50,10 @@ _ISSUE_WORK = Workload(batch=4, seq_len=512, prompt_len=128, new_tokens=64)
 
 PRESETS: dict[str, BenchPreset] = {
     "small": BenchPreset("small", _llama(768, 12, 12, 4, 2048), _ISSUE_WORK),
-    "medium": BenchPreset("medium", _llama(2048, 16, 32, 8, 5632), _ISSUE_WORK),
+    # 0.85B parameters: float32 weights, gradients and Adam moments alone are 12.7 GiB,
+    # so training keeps only each layer's input (both sides) to fit a 24 GB machine.
+    "medium": BenchPreset("medium", _llama(2048, 16, 32, 8, 5632),
+                          dataclasses.replace(_ISSUE_WORK, train_remat="full")),
     "tiny": BenchPreset("tiny", preset("tiny"), Workload(batch=2, seq_len=32, prompt_len=8,
                                                           new_tokens=4, decode_batches=(1, 2))),
 }
@@ -73,6 +80,25 @@ def tokens_per_step(p: BenchPreset, bench: str) -> int:
     if bench in ("forward", "train"):
         return p.work.batch * p.work.seq_len
     return p.work.decode_batch(bench)
+
+
+def peak_gib_estimate(p: BenchPreset, bench: str) -> float:
+    """A coarse float32 peak-memory estimate for one side, to skip (not crash) a
+    benchmark the machine cannot hold: weights (x4 with gradients and Adam moments),
+    saved activations, [B, T, V] logits, and 1.5 GiB of runtime."""
+    cfg, w = p.cfg, p.work
+    n, d, f, layers = cfg.num_params(), cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    if bench != "train":
+        # decode holds the stacked and the per-layer weights while it unstacks them
+        weights = 4 * n * (1 if bench == "forward" else 2)
+        return (weights + 2 * 4 * w.batch * w.seq_len * cfg.vocab_size) / 2 ** 30 + 1.5
+    m = w.batch * w.seq_len
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    layer = 4 * (m * (6 * d + 4 * kv + 4 * f)
+                 + w.batch * cfg.num_attention_heads * w.seq_len ** 2)
+    saved = layers * (4 * m * d) + layer if w.train_remat == "full" else layers * layer
+    logits = 3 * 4 * m * cfg.vocab_size
+    return (16 * n + saved + logits) / 2 ** 30 + 1.5
 
 
 def decode_bytes_per_step(p: BenchPreset, bench: str, bytes_per_value: int = 4) -> float:

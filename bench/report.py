@@ -35,6 +35,8 @@ def bench_entry(p: BenchPreset, bench: str, ours: dict, theirs: dict, ceilings: 
         "ceiling_kind": "mfu" if bench in ("forward", "train") else "read_bandwidth",
         "transformers_fraction_of_ceiling": fraction_of_ceiling(p, bench, theirs["seconds"],
                                                                  ceilings),
+        # CPU share other processes took while each side ran (0 = a clean measurement)
+        "other_load": max(ours.get("other_load") or 0.0, theirs.get("other_load") or 0.0),
         "ours_compile_s": ours.get("compile_s"),
         "ours_first_call_s": ours.get("first_call_s"),
         "transformers_first_call_s": theirs.get("first_call_s"),
@@ -67,12 +69,13 @@ def table(report: dict, presets: list[str]) -> str:
     """A fixed-width console/Markdown table of every measured pair."""
     head = ("| preset | benchmark | ours tok/s | transformers tok/s | ratio (target) "
             "| fraction of ceiling (target) | TTFT ours / theirs | compile s "
-            "| recompiles | target met |")
+            "| recompiles | other load | target met |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name in presets:
         for bench, e in report.get(name, {}).items():
             if "missing" in e:
-                lines.append(f"| {name} | {bench} | - | - | - | - | - | - | - | missing: {e['missing']} |")
+                lines.append(f"| {name} | {bench} | - | - | - | - | - | - | - | - "
+                             f"| missing: {e['missing']} |")
                 continue
             ratio_t, frac_t = _target_text(bench)
             kind = "MFU" if e["ceiling_kind"] == "mfu" else "of read BW"
@@ -83,5 +86,5 @@ def table(report: dict, presets: list[str]) -> str:
                 f"| {e['transformers_tokens_per_s']:.1f} | {e['ratio']:.2f}x ({ratio_t}) "
                 f"| {e['fraction_of_ceiling']:.0%} {kind} ({frac_t}) | {ttft} "
                 f"| {e['ours_compile_s']:.1f} | {e['compiles_after_warmup']} "
-                f"| {'yes' if e['meets_target'] else 'NO'} |")
+                f"| {e['other_load']:.0%} | {'yes' if e['meets_target'] else 'NO'} |")
     return "\n".join(lines)

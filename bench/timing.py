@@ -1,6 +1,7 @@
 """Timing helpers shared by every runner: warm-up excluded, medians of repeats."""
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from typing import Callable
@@ -20,6 +21,39 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> f
     for _ in range(warmup):
         fn()
     return statistics.median(repeat_seconds(fn, repeats))
+
+
+class OtherLoad:
+    """How much of our CPUs other processes used while a measurement ran (0..1).
+
+    The machine may be shared: from ``/proc/stat`` take the busy time of our pinned
+    CPUs, subtract this process's own CPU time, and divide by wall time x CPUs. A
+    value near 0 means the numbers are clean; above ~0.1 they are disturbed.
+    """
+
+    def __init__(self):
+        self.cpus = sorted(os.sched_getaffinity(0))
+        self.value: float | None = None
+
+    def _busy(self) -> float:
+        ticks = 0
+        with open("/proc/stat", encoding="ascii") as f:
+            for line in f:
+                name, *fields = line.split()
+                if name[3:].isdigit() and int(name[3:]) in self.cpus:
+                    user, nice, system, _, _, irq, softirq, steal = map(int, fields[:8])
+                    ticks += user + nice + system + irq + softirq + steal
+        return ticks / os.sysconf("SC_CLK_TCK")
+
+    def __enter__(self) -> "OtherLoad":
+        self._start = (time.perf_counter(), self._busy(), sum(os.times()[:2]))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall0, busy0, own0 = self._start
+        wall = time.perf_counter() - wall0
+        other = (self._busy() - busy0) - (sum(os.times()[:2]) - own0)
+        self.value = round(max(other, 0.0) / max(wall * len(self.cpus), 1e-9), 3)
 
 
 class CompileCounter:

@@ -113,14 +113,17 @@ def attention_head_major(q: jax.Array, k: jax.Array, v: jax.Array,
     (8x slower decode attention at batch 8, bench/NOTES.md).
     """
     b, t, n, h = q.shape
-    kv_heads = k.shape[1]
-    qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
-    logits = jnp.einsum("BTKGH,BKSH->BKGTS", qg, k, preferred_element_type=jnp.float32)
-    logits = logits / np.float32(math.sqrt(h))
+    kv_heads, s = k.shape[1], k.shape[2]
+    g = n // kv_heads
+    # Q = G*T query rows per kv head, so both products are plain batched matmuls
+    # ([B,K] batch, no transposed operand) that XLA:CPU hands to its fast kernel.
+    qh = q.reshape(b, t, kv_heads, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, h)
+    logits = jnp.einsum("BKQH,BKSH->BKQS", qh, k, preferred_element_type=jnp.float32)
+    logits = logits.reshape(b, kv_heads, g, t, s) / np.float32(math.sqrt(h))
     logits = jnp.where(mask[:, :, None, :, :], logits, jnp.finfo(jnp.float32).min * 0.7)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKGTS,BKSH->BTKGH", probs, v)
-    return out.reshape(b, t, n, h)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, kv_heads, g * t, s)
+    out = jnp.einsum("BKQS,BKSH->BKQH", probs, v).reshape(b, kv_heads, g, t, h)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 def swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:

@@ -46,6 +46,7 @@ def test_json_has_the_issue_shape(tiny_run):
             entry["ours_tokens_per_s"] / entry["transformers_tokens_per_s"])
         # Warm-up compiles everything; the timed repeats must not compile again.
         assert entry["compiles_after_warmup"] == 0, bench
+        assert 0.0 <= entry["other_load"] <= 1.0
 
 
 def test_both_sides_ran_the_same_model(tiny_run):
@@ -155,3 +156,12 @@ def test_unstacked_layers_compute_what_the_scan_computes():
 
     for a, b in zip(run(stacked), run(unstacked)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_a_benchmark_too_big_for_free_memory_is_skipped(monkeypatch):
+    from bench import cli as bench_cli
+
+    monkeypatch.setattr(bench_cli.machine, "available_gib", lambda: 10.0)
+    runnable, skipped = bench_cli._fitting(PRESETS["medium"], list(BENCHMARKS))
+    assert "forward" in runnable and "train" not in runnable
+    assert skipped["train"]["missing"].startswith("skipped: needs ~16 GiB, 10 GiB free")
