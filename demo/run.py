@@ -35,8 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="simulated CPU devices (sets XLA_FLAGS before JAX starts)")
     parser.add_argument("--mesh", default="data=2,fsdp=2,tensor=2", help="training mesh")
     parser.add_argument("--infer-mesh", default="data=4,tensor=2", help="inference mesh")
-    parser.add_argument("--pretrain-steps", type=int, default=300)
-    parser.add_argument("--sft-steps", type=int, default=150)
+    parser.add_argument("--pretrain-steps", type=int, default=800)
+    parser.add_argument("--sft-steps", type=int, default=300)
     parser.add_argument("--quick", action="store_true",
                         help="a shortened run (few steps) that still exercises every stage")
     parser.add_argument("--keep", action="store_true",
