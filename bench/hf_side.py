@@ -11,7 +11,7 @@ import numpy as np
 
 from bench import presets as workloads
 from bench.presets import BenchPreset
-from bench.timing import OtherLoad, median_seconds, timed
+from bench.timing import KeepLast, OtherLoad, median_seconds, timed
 
 
 def build_model(p: BenchPreset, seed: int):
@@ -34,13 +34,12 @@ def _forward(model, p: BenchPreset, repeats: int, out_dir: str | None) -> dict:
 
     tokens = torch.from_numpy(workloads.forward_tokens(p))
     with torch.inference_mode():
-        def step():
-            return model(input_ids=tokens).logits
+        step = KeepLast(lambda: model(input_ids=tokens).logits)
         first = timed(step)
         seconds = median_seconds(step, repeats, warmup=0)
         if out_dir:
             np.save(os.path.join(out_dir, workloads.REFERENCE_LOGITS),
-                    workloads.reference_slice(step().numpy()))
+                    workloads.reference_slice(step.last.numpy()))
     return {"seconds": seconds, "first_call_s": first}
 
 
@@ -60,8 +59,9 @@ def _generate(model, p: BenchPreset, bench: str, repeats: int) -> dict:
     with torch.inference_mode():
         first = timed(lambda: gen(p.work.new_tokens))
         ttft = median_seconds(lambda: gen(1), repeats)
-        total = median_seconds(lambda: gen(p.work.new_tokens), repeats, warmup=0)
-        tokens = gen(p.work.new_tokens)[:, prompt.shape[1]:].numpy()
+        full = KeepLast(lambda: gen(p.work.new_tokens))
+        total = median_seconds(full, repeats, warmup=0)
+        tokens = full.last[:, prompt.shape[1]:].numpy()
     return workloads.decode_result(p, bench, ttft, total, first, tokens)
 
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from bench import presets as workloads
 from bench.presets import BenchPreset
-from bench.timing import CompileCounter, OtherLoad, median_seconds, timed
+from bench.timing import CompileCounter, KeepLast, OtherLoad, median_seconds, timed
 
 
 def _measured(counter: CompileCounter, warmup, step, repeats: int) -> dict:
@@ -37,13 +37,11 @@ def _forward(params, p: BenchPreset, repeats: int, counter: CompileCounter,
     fwd = jax.jit(lambda prm, tok: forward(prm, tok, p.cfg)[0])
     tokens = jnp.asarray(workloads.forward_tokens(p), jnp.int32)
 
-    def step():
-        return fwd(params, tokens).block_until_ready()
-
+    step = KeepLast(lambda: fwd(params, tokens).block_until_ready())
     result = _measured(counter, step, step, repeats)
     reference = os.path.join(reference_dir, workloads.REFERENCE_LOGITS)
     if os.path.exists(reference):
-        ours = workloads.reference_slice(np.asarray(step()))
+        ours = workloads.reference_slice(np.asarray(step.last))
         result["max_abs_logit_diff_vs_transformers"] = float(np.max(np.abs(ours - np.load(reference))))
     return result
 
@@ -67,8 +65,9 @@ def _generate(model, p: BenchPreset, bench: str, repeats: int, counter: CompileC
     compile_s = counter.seconds - compile_before
     counter.mark()
     ttft = median_seconds(lambda: run(1), repeats, warmup=0)
-    total = median_seconds(lambda: run(p.work.new_tokens), repeats, warmup=0)
-    tokens = [c.ids for c in run(p.work.new_tokens)]
+    full = KeepLast(lambda: run(p.work.new_tokens))
+    total = median_seconds(full, repeats, warmup=0)
+    tokens = [c.ids for c in full.last]
     result = workloads.decode_result(p, bench, ttft, total, first, tokens)
     result.update(compile_s=compile_s, compiles_after_warmup=counter.since_mark)
     return result

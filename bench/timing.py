@@ -17,6 +17,18 @@ def repeat_seconds(fn: Callable[[], object], repeats: int) -> list[float]:
     return [timed(fn) for _ in range(repeats)]
 
 
+class KeepLast:
+    """``fn`` that remembers its last result, so the output of the last timed run can
+    be checked afterwards without running the workload once more."""
+
+    def __init__(self, fn: Callable[[], object]):
+        self.fn, self.last = fn, None
+
+    def __call__(self):
+        self.last = self.fn()
+        return self.last
+
+
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
     for _ in range(warmup):
         fn()
