@@ -43,6 +43,8 @@ def measure() -> dict:
 
 
 def summary(section: dict) -> str:
+    if "failed" in section:
+        return f"beyond this CPU: the plan worker failed: {section['failed']}"
     per_token = section["model_flops_per_token"]
     lines = [f"beyond this CPU: {section['model']}, batch {section['batch']} x "
              f"{section['seq']} (plan: ahead-of-time, abstract inputs)",

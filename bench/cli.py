@@ -42,8 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ceiling-read-mib", type=int, default=ceilings.READ_BYTES // 2 ** 20,
                         help="MiB summed to measure the read-bandwidth ceiling (keep it well "
                              "above the last-level cache)")
-    parser.add_argument("--worker-timeout", type=float, default=1800.0,
-                        help="seconds before a worker process is killed")
+    parser.add_argument("--worker-timeout", type=float, default=4 * 3600.0,
+                        help="seconds before a worker process is killed (its preset is then "
+                             "reported as failed; the others are kept)")
     parser.add_argument("--no-plan", action="store_true",
                         help="skip the ahead-of-time meditron3-8b plan section")
 
@@ -64,8 +65,14 @@ def _check(args) -> tuple[list[str], list[str]]:
     return presets, benches
 
 
+class WorkerFailed(UserError):
+    """A worker process failed or timed out (its output tail is printed)."""
+
+
 def _worker(kind: str, out_dir: str, args, timeout: float, **opts) -> dict:
     out = os.path.join(out_dir, f"{kind}-{opts.get('preset', 'machine')}.json")
+    if os.path.exists(out):
+        os.remove(out)  # never read a previous run's result
     cmd = [sys.executable, "-m", "bench.worker", kind, "--threads", str(args.threads),
            "--repeats", str(args.repeats), "--seed", str(args.seed), "--out", out]
     for key, value in opts.items():
@@ -75,13 +82,13 @@ def _worker(kind: str, out_dir: str, args, timeout: float, **opts) -> dict:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise UserError(f"the {kind} worker ran past --worker-timeout={timeout:g}s; "
-                        "try fewer --repeats or a smaller preset") from None
+        raise WorkerFailed(f"the {kind} worker ran past --worker-timeout={timeout:g}s; "
+                           "try fewer --repeats or a smaller preset") from None
     if proc.returncode != 0 or not os.path.exists(out):
         tail = "\n".join(proc.stdout.strip().splitlines()[-15:])
         print(tail, file=sys.stderr)
-        raise UserError(f"the {kind} worker failed (exit {proc.returncode}); its last "
-                        "output is printed above")
+        raise WorkerFailed(f"the {kind} worker failed (exit {proc.returncode}); its last "
+                           "output is printed above")
     with open(out, encoding="utf-8") as f:
         return json.load(f)
 
@@ -100,8 +107,13 @@ def measure(args, presets: list[str], benches: list[str], workdir: str) -> dict:
         if runnable:
             weights = os.path.join(workdir, f"weights-{name}")
             common = dict(preset=name, benches=",".join(runnable), weights=weights)
-            theirs = _worker("transformers", workdir, args, args.worker_timeout, **common)
-            ours = _worker("ours", workdir, args, args.worker_timeout, **common)
+            try:  # a failed preset is reported; the others' results are kept
+                theirs = _worker("transformers", workdir, args, args.worker_timeout, **common)
+                ours = _worker("ours", workdir, args, args.worker_timeout, **common)
+            except WorkerFailed as exc:
+                print(f"bench: {name}: {exc}", file=sys.stderr)
+                skipped.update({b: {"missing": str(exc)} for b in runnable})
+                ours = theirs = {"results": {}, "peak_rss_gb": None}
         rss[name] = {"ours": ours["peak_rss_gb"], "transformers": theirs["peak_rss_gb"]}
         measured[name] = ({**skipped, **ours["results"]}, {**skipped, **theirs["results"]})
     last = _worker("ceilings", workdir, args, args.worker_timeout, **sizes)
@@ -110,7 +122,10 @@ def measure(args, presets: list[str], benches: list[str], workdir: str) -> dict:
         result[name] = {b: report.bench_entry(PRESETS[name], b, ours[b], theirs[b],
                                               result["ceilings"]) for b in benches}
     if not args.no_plan:
-        result["beyond_cpu"] = _worker("plan", workdir, args, args.worker_timeout)["results"]
+        try:
+            result["beyond_cpu"] = _worker("plan", workdir, args, args.worker_timeout)["results"]
+        except WorkerFailed as exc:
+            result["beyond_cpu"] = {"failed": str(exc)}
     result["machine"].update(machine.load_after(), peak_rss_gb=rss,
                              wall_s=round(time.time() - started, 1))
     result["settings"] = {"presets": presets, "benches": benches, "repeats": args.repeats,

@@ -165,3 +165,28 @@ def test_a_benchmark_too_big_for_free_memory_is_skipped(monkeypatch):
     runnable, skipped = bench_cli._fitting(PRESETS["medium"], list(BENCHMARKS))
     assert "forward" in runnable and "train" not in runnable
     assert skipped["train"]["missing"].startswith("skipped: needs ~16 GiB, 10 GiB free")
+
+
+def test_a_failed_worker_costs_only_its_preset(monkeypatch, tmp_path):
+    import argparse
+
+    from bench import cli as bench_cli
+
+    limits = {"matmul_gflops": 1.0, "read_gbps": 1.0, "matmul_n": 64, "read_bytes": 1,
+              "matmul_gflops_by_library": {"xla": 1.0}, "read_gbps_by_library": {"xla": 1.0},
+              "other_load": [0.0]}
+    fake = {"seconds": 1.0, "compiles_after_warmup": 0, "other_load": 0.0}
+
+    def worker(kind, out_dir, args, timeout, **opts):
+        if kind == "ceilings":
+            return {"cpus": [0], "results": limits}
+        if opts["preset"] == "small":
+            raise bench_cli.WorkerFailed(f"the {kind} worker failed (exit 1)")
+        return {"peak_rss_gb": 0.1, "results": {"forward": fake}}
+
+    monkeypatch.setattr(bench_cli, "_worker", worker)
+    args = argparse.Namespace(threads=1, worker_timeout=1, ceiling_matmul_n=64,
+                              ceiling_read_mib=1, no_plan=True, repeats=1, seed=0)
+    result = bench_cli.measure(args, ["small", "tiny"], ["forward"], str(tmp_path))
+    assert result["small"]["forward"] == {"missing": "the transformers worker failed (exit 1)"}
+    assert result["tiny"]["forward"]["ratio"] == 1.0
