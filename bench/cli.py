@@ -128,8 +128,15 @@ def measure(args, presets: list[str], benches: list[str], workdir: str) -> dict:
             result["beyond_cpu"] = {"failed": str(exc)}
     result["machine"].update(machine.load_after(), peak_rss_gb=rss,
                              wall_s=round(time.time() - started, 1))
-    result["settings"] = {"presets": presets, "benches": benches, "repeats": args.repeats,
-                          "threads": args.threads, "seed": args.seed}
+    result["settings"] = {
+        "presets": presets, "benches": benches, "repeats": args.repeats,
+        "threads": args.threads, "seed": args.seed,
+        # the numerators of MFU: model FLOPs per token at the benchmark's sequence length
+        "model_flops_per_token": {
+            name: {"train": PRESETS[name].cfg.flops_per_token(PRESETS[name].work.seq_len, True),
+                   "forward": PRESETS[name].cfg.flops_per_token(PRESETS[name].work.seq_len,
+                                                                False)}
+            for name in presets}}
     return result
 
 

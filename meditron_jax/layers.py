@@ -90,6 +90,22 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
 
 
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                     impl: str | None = None, chunks: int = 4) -> jax.Array:
+    """:func:`attention` over a whole sequence without a cache (query slot i is key
+    slot i): query chunk c needs only the keys up to its own end, so the blocks above
+    the causal diagonal are never computed (for 4 chunks, 5/8 of the full products).
+    Every query still sees itself, so no row's softmax changes."""
+    t = q.shape[1]
+    if chunks <= 1 or t % chunks or k.shape[1] != t:
+        return attention(q, k, v, mask, impl)
+    size = t // chunks
+    out = [attention(q[:, c * size:(c + 1) * size], k[:, :(c + 1) * size],
+                     v[:, :(c + 1) * size], mask[:, :, c * size:(c + 1) * size, :(c + 1) * size],
+                     impl) for c in range(chunks)]
+    return jnp.concatenate(out, axis=1)
+
+
 def _einsum_attention(q, k, v, mask):
     b, t, n, h = q.shape
     kv_heads = k.shape[2]

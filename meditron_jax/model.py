@@ -20,12 +20,14 @@ from meditron_jax.config import LlamaConfig
 from meditron_jax.errors import UserError
 from meditron_jax.kvcache import KVCache
 from meditron_jax.layers import (apply_rope, attention, attention_head_major, attention_mask,
-                                 rms_norm, rope_tables, swiglu)
+                                 causal_attention, rms_norm, rope_tables, swiglu)
 from meditron_jax.lora import merge_layer
 
 Params = dict
 Constrain = Callable[[jax.Array, tuple], jax.Array]
 
+# Query chunks of the cache-free causal attention (layers.causal_attention).
+CAUSAL_CHUNKS = 4
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv_proj")
 
 
@@ -207,7 +209,8 @@ def forward(params: Params, tokens: jax.Array, cfg: LlamaConfig, *,
                     v_cache, v[None].astype(v_cache.dtype), (i, 0, start, 0, 0))
                 k = jax.lax.dynamic_index_in_dim(k_cache, i, 0, keepdims=False).astype(dtype)
                 v = jax.lax.dynamic_index_in_dim(v_cache, i, 0, keepdims=False).astype(dtype)
-            attn = attention(q, k, v, mask, attention_impl)
+            attn = (attention(q, k, v, mask, attention_impl) if k_cache is not None
+                    else causal_attention(q, k, v, mask, attention_impl, CAUSAL_CHUNKS))
         # One contraction over E = N*H: with (N, H) as two contracting dims XLA:CPU
         # may transpose the o weight (not the small activation) at every decode step.
         out = jnp.einsum("ME,ED->MD", attn.reshape(b * t, -1),

@@ -190,3 +190,21 @@ def test_a_failed_worker_costs_only_its_preset(monkeypatch, tmp_path):
     result = bench_cli.measure(args, ["small", "tiny"], ["forward"], str(tmp_path))
     assert result["small"]["forward"] == {"missing": "the transformers worker failed (exit 1)"}
     assert result["tiny"]["forward"]["ratio"] == 1.0
+
+
+def test_causal_chunks_skip_only_masked_blocks():
+    """layers.causal_attention (the forward's cache-free path) equals full attention,
+    with packed segments and left padding in the mask."""
+    import jax
+    import jax.numpy as jnp
+
+    from meditron_jax.layers import attention, attention_mask, causal_attention
+
+    keys = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(keys[0], (2, 16, 4, 8))
+    k, v = (jax.random.normal(kk, (2, 16, 2, 8)) for kk in keys[1:])
+    segments = jnp.array([[0] * 3 + [1] * 7 + [2] * 6, [1] * 9 + [2] * 7])
+    slots = jnp.broadcast_to(jnp.arange(16), (2, 16))
+    mask = attention_mask(segments, slots, segments)
+    np.testing.assert_allclose(np.asarray(causal_attention(q, k, v, mask, chunks=4)),
+                               np.asarray(attention(q, k, v, mask)), rtol=1e-5, atol=1e-6)
