@@ -31,7 +31,7 @@ _IGNORED_HF_FIELDS = frozenset({
     "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
     "bad_words_ids", "num_return_sequences", "forced_bos_token_id",
     "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
-    "suppress_tokens", "begin_suppress_tokens", "quantization_config_is_none",
+    "suppress_tokens", "begin_suppress_tokens",
 })
 # Fields we read but only accept at one value (they change the math otherwise).
 _FIXED_HF_FIELDS = {

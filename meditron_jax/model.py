@@ -15,6 +15,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from meditron_jax.config import LlamaConfig
 from meditron_jax.errors import UserError
@@ -193,6 +194,8 @@ def forward(params: Params, tokens: jax.Array, cfg: LlamaConfig, *,
         q = jnp.einsum("MD,DNH->MNH", h, w["q"]).reshape(b, t, *w["q"].shape[1:])
         k = jnp.einsum("MD,DKH->MKH", h, w["k"]).reshape(b, t, *w["k"].shape[1:])
         v = jnp.einsum("MD,DKH->MKH", h, w["v"]).reshape(b, t, *w["v"].shape[1:])
+        # Named so the "save_qkv_proj" remat policy keeps them instead of recomputing.
+        q, k, v = (checkpoint_name(a, "qkv_proj") for a in (q, k, v))
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         if k_cache is not None and i is None:  # this layer's own [B,K,S,H] buffers

@@ -149,7 +149,7 @@ def test_loss_and_gradients_match_torch(llama3_kv2):
         assert err < 1e-4, f"gradient {jax.tree_util.keystr(path)}: relative error {err}"
 
 
-@pytest.mark.parametrize("remat", ["full", "dots"])
+@pytest.mark.parametrize("remat", ["full", "dots", "save_qkv_proj"])
 def test_remat_and_einsum_attention_change_nothing(llama3_kv2, remat):
     _, cfg, params = llama3_kv2
     tokens = _tokens(2, 16, seed=4)
