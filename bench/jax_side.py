@@ -115,7 +115,7 @@ def _train(params, p: BenchPreset, repeats: int, counter: CompileCounter) -> dic
 
 def run(p: BenchPreset, benches: list[str], repeats: int, weights_dir: str) -> dict:
     from meditron_jax.loading import load_model
-    from meditron_jax.model import unstack_layers
+    from meditron_jax.model import decode_layout
 
     counter = CompileCounter()
     model = load_model(weights_dir)
@@ -126,8 +126,8 @@ def run(p: BenchPreset, benches: list[str], repeats: int, weights_dir: str) -> d
         if bench == "train":
             decoding = None  # free the per-layer copies first
         elif bench != "forward" and decoding is None:
-            # per-layer weight buffers: XLA:CPU decodes faster (model.unstack_layers)
-            decoding = dataclasses.replace(model, params=unstack_layers(model.params))
+            # per-layer, transposed weights: XLA:CPU decodes faster (model.decode_layout)
+            decoding = dataclasses.replace(model, params=decode_layout(model.params))
         with OtherLoad() as load:
             if bench == "forward":
                 results[bench] = _forward(model.params, p, repeats, counter, weights_dir)

@@ -5,6 +5,8 @@ K kv heads, G query heads per kv head, H head_dim, F mlp, V vocab.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 
 import jax
@@ -12,6 +14,50 @@ import jax.numpy as jnp
 import numpy as np
 
 from meditron_jax.config import LlamaConfig
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["t"],
+                   meta_fields=["out_shape"])
+@dataclasses.dataclass(frozen=True)
+class OutIn:
+    """A projection weight stored transposed: ``t`` is [prod(out_shape), in].
+
+    The checkpoint layout is [in, out...] (``x @ W``). For a few rows of x (batched
+    decoding) XLA:CPU's kernels run ``W^T @ x^T`` with the weight as the large left
+    operand up to 3x faster (bench/NOTES.md); :func:`meditron_jax.model.unstack_layers`
+    builds this layout for CPU decoding and :func:`dense` computes with either.
+    """
+    t: jax.Array
+    out_shape: tuple
+
+    @staticmethod
+    def of(w: jax.Array, contract: int = 1) -> "OutIn":
+        """From [in..., out...] with the first ``contract`` dims contracted."""
+        inner = math.prod(w.shape[:contract])
+        return OutIn(w.reshape(inner, -1).T, tuple(w.shape[contract:]))
+
+    def astype(self, dtype) -> "OutIn":
+        return OutIn(self.t.astype(dtype), self.out_shape)
+
+
+# Rows from which an OutIn product runs as an ordinary GEMM (x @ t^T) again.
+OUT_IN_MAX_ROWS = 64
+
+
+def dense(x: jax.Array, w, spec: str, preferred_element_type=None) -> jax.Array:
+    """``einsum(spec, x, w)`` for x [M, in...] and a weight [in..., out...], or the
+    same product with an :class:`OutIn` weight (returned as [M, out...])."""
+    if isinstance(w, OutIn):
+        x2 = x.reshape(x.shape[0], -1)
+        if x2.shape[0] >= OUT_IN_MAX_ROWS:  # many rows (prefill): an ordinary GEMM
+            y = jnp.einsum("MK,NK->MN", x2, w.t, preferred_element_type=preferred_element_type)
+        else:
+            y = jnp.matmul(w.t, x2.T, preferred_element_type=preferred_element_type)
+            # The barrier keeps XLA from folding the transpose back into the dot (as
+            # x @ t^T, the slow form for few rows): the weight stays the left operand.
+            y = jax.lax.optimization_barrier(y).T
+        return y.reshape(x.shape[0], *w.out_shape)
+    return jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -143,7 +189,8 @@ def attention_head_major(q: jax.Array, k: jax.Array, v: jax.Array,
 
 
 def swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
-    """x [..., D] -> [..., D] (the model passes [B*T, D] rows)."""
-    g = jnp.einsum("...D,DF->...F", x, gate)
-    u = jnp.einsum("...D,DF->...F", x, up)
-    return jnp.einsum("...F,FD->...D", jax.nn.silu(g) * u, down)
+    """x [..., D] -> [..., D] (the model passes [B*T, D] rows; :class:`OutIn` weights
+    take only [M, D])."""
+    g = dense(x, gate, "...D,DF->...F")
+    u = dense(x, up, "...D,DF->...F")
+    return dense(jax.nn.silu(g) * u, down, "...F,FD->...D")

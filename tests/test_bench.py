@@ -130,28 +130,38 @@ def test_help_shows_defaults(capsys):
     assert "--presets" in out and "small,medium" in out and "--repeats" in out
 
 
-def test_unstacked_layers_compute_what_the_scan_computes():
-    """The CPU decode layout (model.unstack_layers, per-layer head-major cache): same
-    logits and same cache as the scanned layers, for a full forward and for a cached
-    step after a prefill."""
+@pytest.mark.parametrize("out_in,tied", [(False, False), (True, False), (True, True)])
+def test_unstacked_layers_compute_what_the_scan_computes(out_in, tied):
+    """The CPU decode layouts (model.unstack_layers; with out_in, model.decode_layout's
+    transposed weights; a per-layer head-major cache): same logits and same cache as
+    the scanned layers, for a full forward, a prefill of many rows (OutIn's GEMM form)
+    and a cached step of few rows (its weight-left form)."""
+    import dataclasses
+
     import jax
     import jax.numpy as jnp
 
     from meditron_jax.config import preset
     from meditron_jax.kvcache import KVCache
+    from meditron_jax.layers import OUT_IN_MAX_ROWS, OutIn
     from meditron_jax.model import forward, init_params, per_layer_cache, unstack_layers
 
-    cfg = preset("tiny")
+    cfg = dataclasses.replace(preset("tiny"), tie_word_embeddings=tied)
     stacked = init_params(cfg, jax.random.key(0), std=0.25)
-    unstacked = unstack_layers(stacked)
+    unstacked = unstack_layers(stacked, out_in=out_in)
     assert len(unstacked["layers"]) == cfg.num_hidden_layers
-    tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
+    assert isinstance(unstacked["layers"][0]["o"], OutIn) == out_in
+    if out_in:  # o contracts N and H: stored [D, N*H]
+        assert unstacked["layers"][0]["o"].t.shape == (cfg.hidden_size, cfg.num_attention_heads
+                                                       * cfg.head_dim)
+    t = OUT_IN_MAX_ROWS // 2 + 8  # a 2-row prefill of t - 1 tokens crosses OUT_IN_MAX_ROWS
+    tokens = jax.random.randint(jax.random.key(1), (2, t), 0, cfg.vocab_size)
 
     def run(params):
         full, _ = forward(params, tokens, cfg)
-        _, cache = forward(params, tokens[:, :11], cfg, cache=KVCache.init(cfg, 2, 16))
-        step, cache = forward(params, tokens[:, 11:], cfg, cache=cache)
-        assert cache.max_len == 16
+        _, cache = forward(params, tokens[:, :-1], cfg, cache=KVCache.init(cfg, 2, t + 4))
+        step, cache = forward(params, tokens[:, -1:], cfg, cache=cache)
+        assert cache.max_len == t + 4
         return full, step, jnp.stack(per_layer_cache(cache)[0])  # [L,B,K,S,H]
 
     for a, b in zip(run(stacked), run(unstacked)):
