@@ -23,11 +23,12 @@ OPT = OptimSection(lr=1e-3, warmup_steps=0, decay="constant", weight_decay=0.1, 
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_step(cfg, accum):
-    """One jitted step per (model, accumulation), shared by the tests (compiles once)."""
+def compiled_step(cfg, accum, loss_chunk=1024):
+    """One jitted step per (model, accumulation, loss chunk), shared by the tests."""
     mesh = make_mesh("fsdp=1", devices=jax.devices()[:1])
     optimizer = make_optimizer(OPT, total_steps=10)
-    opts = StepOptions(grad_accum=accum, compute_dtype=jnp.float32, remat="full")
+    opts = StepOptions(grad_accum=accum, compute_dtype=jnp.float32, remat="full",
+                       loss_chunk=loss_chunk)
     abstract = abstract_state(cfg, optimizer, jnp.float32)
     sh = state_shardings(cfg, abstract, mesh, TRAIN_RULES)
     step = jit_train_step(make_train_step(cfg, optimizer, schedule(OPT, 10), opts), sh, mesh,
@@ -35,8 +36,8 @@ def compiled_step(cfg, accum):
     return step, optimizer, sh
 
 
-def run_step(cfg, params, batch, *, accum=1):
-    step, optimizer, sh = compiled_step(cfg, accum)
+def run_step(cfg, params, batch, *, accum=1, loss_chunk=1024):
+    step, optimizer, sh = compiled_step(cfg, accum, loss_chunk)
     state = jax.device_put(init_state(jax.tree.map(jnp.asarray, params), optimizer), sh)
     new, metrics = step(state, {k: jnp.asarray(v) for k, v in batch.items()})
     return jax.device_get(new.params), {k: float(v) for k, v in metrics.items()}
@@ -69,7 +70,9 @@ def hf_batch(seq, attn, trained):
             "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (seq.shape[0], t)).copy()}
 
 
-@pytest.mark.parametrize("sft", [False, True], ids=["full", "sft_mask"])
+# sft_mask also cuts the loss into 4 chunks of 4 positions (the head's gradient is then
+# summed over chunks in the loss's forward pass).
+@pytest.mark.parametrize("sft", [False, True], ids=["full", "sft_mask_4_loss_chunks"])
 def test_one_step_matches_torch_adamw(sft):
     model = make_hf_model(std=0.25, seed=1)
     cfg = LlamaConfig.from_hf(model.config.to_dict())
@@ -85,7 +88,8 @@ def test_one_step_matches_torch_adamw(sft):
         for row, prompt_len in enumerate((6, 4, 5, 9)):
             trained[row, :prompt_len] = 0
     labels = np.where(trained == 1, seq, -100).astype(np.int64)
-    ours, metrics = run_step(cfg, before, hf_batch(seq, attn, trained))
+    ours, metrics = run_step(cfg, before, hf_batch(seq, attn, trained),
+                             loss_chunk=4 if sft else 1024)
     loss, norm = torch_step(model, seq.astype(np.int64), attn.astype(np.int64), labels)
     after = params_from_hf(state_dict_numpy(model), cfg)
 
@@ -101,6 +105,43 @@ def test_one_step_matches_torch_adamw(sft):
         # relative to the parameter, and (much stricter) to the step's own size
         assert np.linalg.norm(got - want) <= 1e-5 * np.linalg.norm(want), name
         assert np.linalg.norm(got - want) <= 1e-3 * moved, name
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_chunked_loss_equals_the_plain_loss_and_its_gradients(tied):
+    """chunked_loss_sums' hand-written backward (gradients formed while each chunk's
+    logits are alive) against autodiff of the plain formula: value, d hidden, d head
+    (through embed when tied) for 1, 3 and 12 chunks; head_grad=False zeroes d head."""
+    import dataclasses
+
+    from train.step import chunked_loss_sums
+    cfg = dataclasses.replace(preset("tiny"), tie_word_embeddings=tied)
+    params = init_params(cfg, jax.random.key(0), std=0.25)
+    params = {k: v for k, v in params.items() if k in ("embed", "lm_head")}
+    rng = np.random.default_rng(0)
+    hidden = jnp.asarray(rng.standard_normal((2, 12, cfg.hidden_size)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 12)), jnp.int32)
+    weights = jnp.asarray(rng.random((2, 12)) < 0.7, jnp.float32)
+
+    def plain(p, h):
+        head = p["embed"].T if tied else p["lm_head"]
+        logits = h @ head
+        nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(
+            logits, targets[..., None], -1)[..., 0]
+        return jnp.sum(nll * weights)
+
+    want, (want_p, want_h) = jax.value_and_grad(plain, argnums=(0, 1))(params, hidden)
+    for chunk in (12, 4, 1):
+        for head_grad in (True, False):
+            fn = lambda p, h: 2.0 * chunked_loss_sums(  # noqa: E731 (cotangent 2)
+                p, h, targets, weights, cfg, chunk, head_grad)[0]
+            got, (got_p, got_h) = jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))(params, hidden)
+            np.testing.assert_allclose(got, 2 * want, rtol=1e-5)
+            np.testing.assert_allclose(got_h, 2 * want_h, rtol=1e-4, atol=1e-5)
+            for name in got_p:
+                expect = 2 * want_p[name] if head_grad else np.zeros_like(want_p[name])
+                np.testing.assert_allclose(got_p[name], expect, rtol=1e-4, atol=1e-5,
+                                           err_msg=f"{name} chunk={chunk}")
 
 
 def _random_batch(cfg, rows, t, seed):

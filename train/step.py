@@ -14,6 +14,7 @@ give the same update as one batch of 4B.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -54,29 +55,86 @@ class StepOptions:
     lora: LoraConfig | None = None
 
 
-def chunked_loss_sums(params, hidden, targets, weights, cfg: LlamaConfig, chunk: int):
+def chunked_loss_sums(params, hidden, targets, weights, cfg: LlamaConfig, chunk: int,
+                      head_grad: bool = True):
     """(sum of weighted next-token NLL, sum of weights) without the full [B,T,V] logits.
 
-    The sequence is cut into chunks; each chunk's logits are recomputed in the backward
-    pass (``jax.checkpoint``), so at most [B, chunk, V] float32 logits are alive: for
-    Llama-3's 128k vocab the full logits of one 8k-token row would be 4 GiB.
+    The sequence is cut into chunks of at most ``chunk`` positions, so at most
+    [B, chunk, V] float32 logits are alive (for Llama-3's 128k vocab the full logits of
+    one 8k-token row would be 4 GiB). Under differentiation each chunk's gradients are
+    computed in the forward pass while its logits are alive (:func:`_head_nll`), so the
+    head is applied three times per chunk, not four as with recomputed logits.
+    ``head_grad=False`` (LoRA: the head is frozen) skips the head's gradient.
     """
-    b, t, d = hidden.shape
+    t = hidden.shape[1]
     chunk = math.gcd(t, min(chunk, t))
-    n = t // chunk
     head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    head = head.astype(hidden.dtype)
+    nll = _head_nll(hidden, head.astype(hidden.dtype), targets, weights, chunk, head_grad)
+    return nll, jnp.sum(weights)
 
-    @jax.checkpoint
-    def piece(h, tgt, w):
-        logits = jnp.einsum("BTD,DV->BTV", h, head, preferred_element_type=jnp.float32)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
-        return jnp.sum((lse - picked) * w)
 
-    split = lambda x: x.reshape(b, n, chunk, *x.shape[2:]).swapaxes(0, 1)  # noqa: E731
-    nll = jax.lax.map(lambda c: piece(*c), (split(hidden), split(targets), split(weights)))
-    return jnp.sum(nll), jnp.sum(weights)
+def _split_chunks(x, chunk: int):
+    """[B, T, ...] -> [T/chunk, B, chunk, ...]."""
+    b, t = x.shape[:2]
+    return x.reshape(b, t // chunk, chunk, *x.shape[2:]).swapaxes(0, 1)
+
+
+def _merge_chunks(x):
+    """[T/chunk, B, chunk, ...] -> [B, T, ...]."""
+    x = x.swapaxes(0, 1)
+    return x.reshape(x.shape[0], -1, *x.shape[3:])
+
+
+def _chunk_logits(h, head, tgt):
+    """Per-position (logits [B,C,V] f32, logsumexp [B,C], NLL [B,C]) of one chunk."""
+    logits = jnp.einsum("BTD,DV->BTV", h, head, preferred_element_type=jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
+    return logits, lse, lse - picked
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _head_nll(hidden, head, targets, weights, chunk: int, head_grad: bool):
+    """sum(weights * NLL(hidden @ head, targets)), chunk by chunk over the sequence."""
+    def piece(xs):
+        h, tgt, w = xs
+        return jnp.sum(_chunk_logits(h, head, tgt)[2] * w)
+    chunks = (_split_chunks(hidden, chunk), _split_chunks(targets, chunk),
+              _split_chunks(weights, chunk))
+    return jnp.sum(jax.lax.map(piece, chunks))
+
+
+def _head_nll_fwd(hidden, head, targets, weights, chunk: int, head_grad: bool):
+    # d(sum w * NLL)/d logits = w * (softmax - onehot(target)): formed while the chunk's
+    # logits are alive, then pushed through the head right away; only d hidden
+    # [B,T,D], d head [D,V] and the per-position NLL are kept for the backward pass.
+    def body(d_head, xs):
+        h, tgt, w = xs
+        logits, lse, nll = _chunk_logits(h, head, tgt)
+        dlogits = jnp.exp(logits - lse[..., None])
+        dlogits = dlogits - jax.nn.one_hot(tgt, head.shape[1], dtype=dlogits.dtype)
+        dlogits = (dlogits * w[..., None]).astype(h.dtype)
+        d_h = jnp.einsum("BTV,DV->BTD", dlogits, head,
+                         preferred_element_type=jnp.float32).astype(h.dtype)
+        if head_grad:
+            d_head = d_head + jnp.einsum("BTD,BTV->DV", h, dlogits,
+                                         preferred_element_type=jnp.float32)
+        return d_head, (nll, d_h)
+    chunks = (_split_chunks(hidden, chunk), _split_chunks(targets, chunk),
+              _split_chunks(weights, chunk))
+    init = jnp.zeros(head.shape if head_grad else (), jnp.float32)
+    d_head, (nll, d_h) = jax.lax.scan(body, init, chunks)
+    nll, d_h = _merge_chunks(nll), _merge_chunks(d_h)
+    return jnp.sum(nll * weights), (d_h, d_head, nll)
+
+
+def _head_nll_bwd(chunk: int, head_grad: bool, res, g):
+    d_h, d_head, nll = res
+    d_head = (g * d_head).astype(d_h.dtype) if head_grad else None  # None: zero
+    return (g.astype(d_h.dtype) * d_h, d_head, None, g * nll)
+
+
+_head_nll.defvjp(_head_nll_fwd, _head_nll_bwd)
 
 
 def make_loss_sums(cfg: LlamaConfig, opts: StepOptions, constrain=None) -> Callable:
@@ -91,7 +149,8 @@ def make_loss_sums(cfg: LlamaConfig, opts: StepOptions, constrain=None) -> Calla
                             remat=opts.remat, attention_impl=opts.attention_impl,
                             constrain=constrain, return_hidden=True, lora=lora)
         return chunked_loss_sums(params, hidden, batch["targets"],
-                                 batch["weights"].astype(jnp.float32), cfg, opts.loss_chunk)
+                                 batch["weights"].astype(jnp.float32), cfg, opts.loss_chunk,
+                                 head_grad=opts.lora is None)
     return loss_sums
 
 
