@@ -31,7 +31,7 @@ from meditron_jax.config import LlamaConfig
 from meditron_jax.errors import UserError
 from meditron_jax.kvcache import CACHE_AXES, KVCache
 from meditron_jax.model import abstract_params, check_token_ids, forward, logits_from_hidden
-from infer.runner import PAD_ID, BatchRunner, Placement, bucket_length, to_host
+from infer.runner import PAD_ID, BatchRunner, Placement, bucket_length, cache_length, to_host
 from sharding import INFER_RULES, Rules
 
 MAX_STOP_IDS = 16       # stop ids live in a fixed-size array so their number never recompiles
@@ -305,7 +305,7 @@ class Generator(BatchRunner):
         limit = self.cfg.max_position_embeddings
         b, n = self.batch_size, len(prompts)
         p = bucket_length(max(len(x) for x in prompts), cap=limit - max_new)
-        s = bucket_length(p + max_new, cap=limit)
+        s = cache_length(p + max_new, cap=limit)
         tokens = np.full((b, p), PAD_ID, np.int32)
         pad = np.full((b,), p - 1, np.int32)       # idle rows: one pad token, no budget
         budget = np.zeros((b,), np.int32)

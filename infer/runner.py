@@ -30,6 +30,17 @@ def bucket_length(n: int, *, minimum: int = MIN_BUCKET, cap: int | None = None) 
     return min(size, cap) if cap is not None else size
 
 
+def cache_length(n: int, *, cap: int | None = None) -> int:
+    """The decode cache's slots for ``n`` tokens: the next of 2^k and 1.5 * 2^k (at least
+    MIN_BUCKET), clipped to ``cap``. Every decode step attends over every slot, so the
+    half-steps cut the worst case of unused slots from 1/2 to 1/3 (prompt 128 + 64 new
+    tokens: 192 slots, not 256) for at most twice the compiled cache shapes."""
+    size = bucket_length(n, cap=None)
+    if size >= 2 * MIN_BUCKET and n <= size * 3 // 4:
+        size = size * 3 // 4
+    return min(size, cap) if cap is not None else size
+
+
 class Placement:
     """Where arrays live: the mesh + rule table, or the default device when no mesh.
 

@@ -11,7 +11,7 @@ import torch
 
 import sharding
 from infer.engine import (DecodeState, Generator, abstract_decode_step, bucket_length,
-                          prefill_logits, step_logits)
+                          cache_length, prefill_logits, step_logits)
 from infer.sampling import Sampling
 from meditron_jax.errors import UserError
 from meditron_jax.loading import load_model
@@ -110,11 +110,19 @@ def test_cached_decode_logits_equal_full_forward(generators):
             np.testing.assert_allclose(seen[i][r], ref[r, len(x) - 1 + i], atol=1e-4, rtol=0)
 
 
+def test_cache_lengths_step_by_half_powers_of_two():
+    got = {n: cache_length(n) for n in (1, 16, 17, 24, 25, 80, 96, 97, 128, 129, 192, 193)}
+    assert got == {1: 16, 16: 16, 17: 24, 24: 24, 25: 32, 80: 96, 96: 96, 97: 128, 128: 128,
+                   129: 192, 192: 192, 193: 256}
+    assert cache_length(193, cap=200) == 200
+    assert all(cache_length(n) >= n for n in range(1, 5000))
+
+
 def test_decode_compiles_once_for_64_tokens_over_several_lengths(tiny_hf_dir):
     gen = Generator(load_model(tiny_hf_dir), batch_size=2)
-    lengths = [[3], [10, 20], [40, 5]]      # prompt buckets 16, 32, 64; one cache of 128
-    assert {bucket_length(bucket_length(max(x)) + 64) for x in lengths} == {128}
-    decode, prefill = gen.decode_fn(Sampling()), gen.prefill_fn(128, Sampling())
+    lengths = [[3], [10, 20], [25, 5]]      # prompt buckets 16, 32, 32; one cache of 96
+    assert {cache_length(bucket_length(max(x)) + 64) for x in lengths} == {96}
+    decode, prefill = gen.decode_fn(Sampling()), gen.prefill_fn(96, Sampling())
     before = decode._cache_size(), prefill._cache_size()   # other tests' shapes
     streamed = []
     for group in lengths:
@@ -126,7 +134,7 @@ def test_decode_compiles_once_for_64_tokens_over_several_lengths(tiny_hf_dir):
                        on_tokens=lambda i, ids: streamed.extend(ids))
     assert streamed == out[0].ids
     assert decode._cache_size() - before[0] == 1
-    assert prefill._cache_size() - before[1] == 3
+    assert prefill._cache_size() - before[1] == 2
 
 
 SAMPLED = Sampling(temperature=0.8, top_k=20, top_p=0.9)
