@@ -168,6 +168,24 @@ def test_unstacked_layers_compute_what_the_scan_computes(out_in, tied):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 
+def test_decode_layout_consume_frees_the_stacked_weights_as_it_goes():
+    import jax
+    import jax.numpy as jnp
+
+    from meditron_jax.config import preset
+    from meditron_jax.model import decode_layout, forward, init_params
+
+    cfg = preset("tiny")
+    params = init_params(cfg, jax.random.key(0), std=0.25)
+    keep = jax.tree.map(jnp.copy, params)
+    out = decode_layout(params, consume=True)
+    assert all(a.is_deleted() for a in jax.tree.leaves(params["layers"]))
+    assert params["lm_head"].is_deleted() and not params["embed"].is_deleted()
+    tokens = jnp.arange(10, dtype=jnp.int32)[None] % cfg.vocab_size
+    np.testing.assert_allclose(np.asarray(forward(out, tokens, cfg)[0]),
+                               np.asarray(forward(keep, tokens, cfg)[0]), rtol=1e-5, atol=1e-5)
+
+
 def test_a_benchmark_too_big_for_free_memory_is_skipped(monkeypatch):
     from bench import cli as bench_cli
 

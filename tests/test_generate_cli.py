@@ -76,6 +76,15 @@ def test_prompts_file_to_stdout(text_model, library_greedy, tmp_path, capsys):
     assert summary.startswith("prompts=4 skipped=0 total=4 tokens=") and "tokens/s=" in summary
 
 
+def test_stacked_and_decode_layouts_generate_the_same(text_model, library_greedy, capsys):
+    """The CLI's default on one CPU device is the decode layout (the tests above compare
+    it with the library's stacked weights); the stacked layout on request gives the same."""
+    for layout in ("stacked", "decode"):
+        assert cli.main(["generate", "--model", text_model, "--prompt", "w50",
+                         "--max-new-tokens", "12", "--weights-layout", layout]) == 0
+        assert capsys.readouterr().out == library_greedy[1].text + "\n"
+
+
 def test_truncate_prompt_flag(text_model, tmp_path, capsys):
     long = [1] + [5] * 250
     src = _write(tmp_path / "p.jsonl", [{"id": 1, "prompt_ids": long}])
@@ -135,6 +144,7 @@ def test_bad_prompt_lines(text_model, tmp_path, capsys, line, message):
     (["--mesh", "data=4", "--batch-size", "6"], "batch size 6 is not divisible"),
     (["--mesh", "pipeline=2"], "expected comma-separated AXIS=SIZE"),
     (["--out", "x.jsonl"], "--out goes with --prompts"),
+    (["--weights-layout", "decode", "--mesh", "data=2"], "--weights-layout decode runs on one"),
 ])
 def test_bad_flags(text_model, capsys, extra, message):
     assert cli.main(["generate", "--model", text_model, "--prompt", "w4 w5"] + extra) == 2
