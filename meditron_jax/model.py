@@ -284,7 +284,10 @@ def unstack_layers(params: Params, *, out_in: bool = False, consume: bool = Fals
             jax.block_until_ready([lp[name] for lp in per_layer])
             stacked.delete()
     out = {**params, "layers": tuple(per_layer)}
-    if out_in and "lm_head" in params:
+    if out_in and "lm_head" not in params:
+        # tied: the [V, D] embedding already is the transposed head, read in place
+        out["lm_head"] = OutIn(params["embed"], (params["embed"].shape[0],))
+    elif out_in:
         out["lm_head"] = OutIn.of(params["lm_head"])
         if consume and isinstance(params["lm_head"], jax.Array):
             jax.block_until_ready(out["lm_head"])
@@ -313,16 +316,12 @@ def per_layer_cache(cache: KVCache) -> tuple[tuple, tuple]:
 
 def logits_from_hidden(params: Params, x: jax.Array, cfg: LlamaConfig,
                        constrain: Constrain | None = None) -> jax.Array:
-    if cfg.tie_word_embeddings:
-        # [V, D] already is the transposed head: read in place when the layout wants it
-        out_in = isinstance(params["layers"], tuple) and isinstance(
-            params["layers"][0]["q"], OutIn)
-        head = OutIn(params["embed"], (cfg.vocab_size,)) if out_in else params["embed"].T
-    else:
-        head = params["lm_head"]
+    head = params.get("lm_head")  # the decode layout's OutIn head, also when tied
+    if not isinstance(head, OutIn):
+        head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
     if isinstance(head, OutIn):
         b, t, d = x.shape
-        logits = dense(x.reshape(b * t, d), head.astype(x.dtype), "",
+        logits = dense(x.reshape(b * t, d), head.astype(x.dtype), "MD,DV->MV",
                        preferred_element_type=jnp.float32).reshape(b, t, -1)
     else:
         logits = jnp.einsum("BTD,DV->BTV", x, head.astype(x.dtype),
