@@ -73,10 +73,10 @@ def chunked_loss_sums(params, hidden, targets, weights, cfg: LlamaConfig, chunk:
     return nll, jnp.sum(weights)
 
 
-def _split_chunks(x, chunk: int):
-    """[B, T, ...] -> [T/chunk, B, chunk, ...]."""
-    b, t = x.shape[:2]
-    return x.reshape(b, t // chunk, chunk, *x.shape[2:]).swapaxes(0, 1)
+def _split_chunks(chunk: int, *xs):
+    """Each [B, T, ...] of ``xs`` -> [T/chunk, B, chunk, ...]."""
+    return tuple(x.reshape(x.shape[0], x.shape[1] // chunk, chunk, *x.shape[2:]).swapaxes(0, 1)
+                 for x in xs)
 
 
 def _merge_chunks(x):
@@ -99,8 +99,7 @@ def _head_nll(hidden, head, targets, weights, chunk: int, head_grad: bool):
     def piece(xs):
         h, tgt, w = xs
         return jnp.sum(_chunk_logits(h, head, tgt)[2] * w)
-    chunks = (_split_chunks(hidden, chunk), _split_chunks(targets, chunk),
-              _split_chunks(weights, chunk))
+    chunks = _split_chunks(chunk, hidden, targets, weights)
     return jnp.sum(jax.lax.map(piece, chunks))
 
 
@@ -120,8 +119,7 @@ def _head_nll_fwd(hidden, head, targets, weights, chunk: int, head_grad: bool):
             d_head = d_head + jnp.einsum("BTD,BTV->DV", h, dlogits,
                                          preferred_element_type=jnp.float32)
         return d_head, (nll, d_h)
-    chunks = (_split_chunks(hidden, chunk), _split_chunks(targets, chunk),
-              _split_chunks(weights, chunk))
+    chunks = _split_chunks(chunk, hidden, targets, weights)
     init = jnp.zeros(head.shape if head_grad else (), jnp.float32)
     d_head, (nll, d_h) = jax.lax.scan(body, init, chunks)
     nll, d_h = _merge_chunks(nll), _merge_chunks(d_h)
