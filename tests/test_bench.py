@@ -4,6 +4,8 @@ and bad input. No timing is asserted anywhere: only shapes, invariants and the c
 that both sides ran the same model (same logits, same greedy tokens)."""
 from __future__ import annotations
 
+import functools
+
 import json
 import math
 import os
@@ -220,19 +222,37 @@ def test_a_failed_worker_costs_only_its_preset(monkeypatch, tmp_path):
     assert result["tiny"]["forward"]["ratio"] == 1.0
 
 
-def test_causal_chunks_skip_only_masked_blocks():
-    """layers.causal_attention (the forward's cache-free path) equals full attention,
-    with packed segments and left padding in the mask."""
+@pytest.mark.parametrize("impl", [None, "xla"])
+def test_causal_chunks_skip_only_masked_blocks(impl):
+    """layers.causal_attention (the forward's cache-free path: head-major chunks on CPU
+    when impl is None, jax.nn.dot_product_attention chunks with "xla") equals full
+    attention, values and gradients, with packed segments and left padding in the mask;
+    in bfloat16 within bfloat16's rounding."""
     import jax
     import jax.numpy as jnp
 
     from meditron_jax.layers import attention, attention_mask, causal_attention
 
-    keys = jax.random.split(jax.random.key(0), 3)
-    q = jax.random.normal(keys[0], (2, 16, 4, 8))
-    k, v = (jax.random.normal(kk, (2, 16, 2, 8)) for kk in keys[1:])
+    keys = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(keys[0], (2, 16, 6, 8))
+    k, v = (jax.random.normal(kk, (2, 16, 2, 8)) for kk in keys[1:3])
+    probe = jax.random.normal(keys[3], q.shape)
     segments = jnp.array([[0] * 3 + [1] * 7 + [2] * 6, [1] * 9 + [2] * 7])
     slots = jnp.broadcast_to(jnp.arange(16), (2, 16))
     mask = attention_mask(segments, slots, segments)
-    np.testing.assert_allclose(np.asarray(causal_attention(q, k, v, mask, chunks=4)),
-                               np.asarray(attention(q, k, v, mask)), rtol=1e-5, atol=1e-6)
+
+    def loss(fn, *qkv):
+        return jnp.sum(fn(*qkv) * probe)
+    chunked = lambda q, k, v: causal_attention(q, k, v, mask, impl, chunks=4)  # noqa: E731
+    full = lambda q, k, v: attention(q, k, v, mask)  # noqa: E731
+    np.testing.assert_allclose(np.asarray(chunked(q, k, v)), np.asarray(full(q, k, v)),
+                               rtol=1e-5, atol=1e-6)
+    grads = jax.grad(functools.partial(loss, chunked), argnums=(0, 1, 2))(q, k, v)
+    expect = jax.grad(functools.partial(loss, full), argnums=(0, 1, 2))(q, k, v)
+    for got, want in zip(grads, expect):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+    half = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    out16 = chunked(*half)
+    assert out16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out16, np.float32), np.asarray(full(q, k, v)),
+                               atol=0.05)
