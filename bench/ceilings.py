@@ -57,6 +57,30 @@ def measure(repeats: int = 5, matmul_n: int = MATMUL_N, read_bytes: int = READ_B
             "matmul_n": matmul_n, "read_bytes": read_bytes, "other_load": [load.value]}
 
 
+PROBE_MATMUL_N = 2048
+PROBE_READ_BYTES = 256 * 2 ** 20
+
+
+def probe(repeats: int = 3, matmul_n: int = PROBE_MATMUL_N,
+          read_bytes: int = PROBE_READ_BYTES) -> dict:
+    """The machine's speed right now, taken between two paired timed runs: the faster of
+    PyTorch's (oneMKL) and NumPy's (OpenBLAS) square matmul, and PyTorch's read
+    bandwidth, medians of ``repeats``. On a shared VM both drift by up to 2x within a
+    minute (bench/NOTES.md), so a fraction of the ceiling is taken against the probes
+    around the runs it divides."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((matmul_n, matmul_n), dtype=np.float32)
+    ta = torch.from_numpy(a)
+    x = torch.ones(read_bytes // 4)
+    flops = 2.0 * matmul_n ** 3
+    matmul = max(flops / median_seconds(lambda: ta @ ta, repeats),
+                 flops / median_seconds(lambda: a @ a, repeats))
+    return {"matmul_gflops": matmul / 1e9,
+            "read_gbps": read_bytes / median_seconds(lambda: x.sum(), repeats) / 1e9}
+
+
 def combine(first: dict, last: dict) -> dict:
     """Ceilings measured before and after the run: the best of each figure, so a
     moment of contention on a shared machine does not lower the ceiling."""

@@ -1,10 +1,12 @@
 """``meditron-jax bench`` / ``python -m bench``: ours against transformers, one run.
 
-The parent process only orchestrates: every measurement runs in a fresh worker
-process (``bench/worker.py``) pinned to the same CPUs and thread count, first the
-machine's ceilings, then per preset the transformers side (which writes the shared
-random weights) and our side (which loads them). Results go to the console table and,
-with ``--json``, to a file written aside and renamed.
+The parent process only orchestrates: every measurement runs in a worker process
+(``bench/worker.py``) pinned to the same CPUs and thread count: first the machine's
+ceilings, then per preset the transformers side (which writes the shared random
+weights) and our side (which loads them), both alive at once so that their timed runs
+alternate, with probes of the machine's speed between the pairs (``bench/paired.py``).
+Results go to the console table and, with ``--json``, to a file written aside and
+renamed.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import tempfile
 import time
 
 from bench import beyond_cpu, ceilings, machine, report
+from bench.paired import Served, WorkerFailed, pair_fits, run_alone, run_paired
 from bench.presets import BENCHMARKS, PRESETS, parse_list, peak_gib_estimate
 from meditron_jax.errors import UserError
 
@@ -43,8 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="MiB summed to measure the read-bandwidth ceiling (keep it well "
                              "above the last-level cache)")
     parser.add_argument("--worker-timeout", type=float, default=4 * 3600.0,
-                        help="seconds before a worker process is killed (its preset is then "
-                             "reported as failed; the others are kept)")
+                        help="seconds a worker may take for one step (start-up, a warm-up, "
+                             "one timed run, or a whole ceilings/plan run) before it is "
+                             "killed (its preset is then reported as failed; the others "
+                             "are kept)")
     parser.add_argument("--no-plan", action="store_true",
                         help="skip the ahead-of-time meditron3-8b plan section")
 
@@ -65,11 +70,8 @@ def _check(args) -> tuple[list[str], list[str]]:
     return presets, benches
 
 
-class WorkerFailed(UserError):
-    """A worker process failed or timed out (its output tail is printed)."""
-
-
 def _worker(kind: str, out_dir: str, args, timeout: float, **opts) -> dict:
+    """A one-shot worker (ceilings, plan): run it, read its ``--out`` file."""
     out = os.path.join(out_dir, f"{kind}-{opts.get('preset', 'machine')}.json")
     if os.path.exists(out):
         os.remove(out)  # never read a previous run's result
@@ -77,7 +79,7 @@ def _worker(kind: str, out_dir: str, args, timeout: float, **opts) -> dict:
            "--repeats", str(args.repeats), "--seed", str(args.seed), "--out", out]
     for key, value in opts.items():
         cmd += [f"--{key}", str(value)]
-    print(f"bench: {kind} {opts.get('preset', '')}".rstrip(), file=sys.stderr, flush=True)
+    print(f"bench: {kind}", file=sys.stderr, flush=True)
     try:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, timeout=timeout)
@@ -93,6 +95,53 @@ def _worker(kind: str, out_dir: str, args, timeout: float, **opts) -> dict:
         return json.load(f)
 
 
+def measure_preset(name: str, benches: list[str], args, workdir: str, probe: Served) -> dict:
+    """bench -> (ours, theirs, our probes, their probes, paired) for one preset; a bench
+    that could not run maps to {"missing": why} on both sides."""
+    p = PRESETS[name]
+    runnable, skipped = _fitting(p, benches)
+    out: dict = {b: (m, m, None, None, False) for b, m in skipped.items()}
+    if not runnable:
+        return out
+    weights = os.path.join(workdir, f"weights-{name}")
+    timeout = args.worker_timeout
+
+    def start(kind: str) -> Served:
+        return Served(kind, args, workdir, timeout, preset=name, weights=weights)
+    free = machine.available_gib()
+    paired = [b for b in runnable if pair_fits(p, b, free)]
+    alone = [b for b in runnable if b not in paired]
+    # Training last: it changes transformers' weights, and ours consumes its params.
+    paired.sort(key=lambda b: b == "train")
+    rss = {"ours": None, "transformers": None}
+    try:
+        if paired:
+            theirs = start("transformers")  # builds the shared weights, then ours loads them
+            try:
+                ours = start("ours")
+                try:
+                    for bench in paired:
+                        o, t, po, pt = run_paired(bench, args.repeats, theirs, ours, probe)
+                        out[bench] = (o, t, po, pt, True)
+                    rss["ours"] = ours.close().get("peak_rss_gb")
+                finally:
+                    ours.kill()
+                rss["transformers"] = theirs.close().get("peak_rss_gb")
+            finally:
+                theirs.kill()
+        for bench in alone:
+            t, pt = run_alone(bench, args.repeats, lambda: start("transformers"), probe)
+            o, po = run_alone(bench, args.repeats, lambda: start("ours"), probe)
+            out[bench] = (o, t, po, pt, False)
+            rss = {"ours": max(rss["ours"] or 0, o.get("peak_rss_gb") or 0),
+                   "transformers": max(rss["transformers"] or 0, t.get("peak_rss_gb") or 0)}
+    except WorkerFailed as exc:  # a failed preset is reported; the others' results are kept
+        print(f"bench: {name}: {exc}", file=sys.stderr)
+        out.update({b: ({"missing": str(exc)},) * 2 + (None, None, False) for b in runnable})
+    out["_rss"] = rss
+    return out
+
+
 def measure(args, presets: list[str], benches: list[str], workdir: str) -> dict:
     started = time.time()
     result: dict = {"machine": machine.describe(args.threads)}
@@ -101,26 +150,18 @@ def measure(args, presets: list[str], benches: list[str], workdir: str) -> dict:
     result["machine"]["pinned_cpus"] = limits["cpus"]
     rss: dict = {}
     measured: dict = {}
-    for name in presets:
-        runnable, skipped = _fitting(PRESETS[name], benches)
-        ours = theirs = {"results": {}, "peak_rss_gb": None}
-        if runnable:
-            weights = os.path.join(workdir, f"weights-{name}")
-            common = dict(preset=name, benches=",".join(runnable), weights=weights)
-            try:  # a failed preset is reported; the others' results are kept
-                theirs = _worker("transformers", workdir, args, args.worker_timeout, **common)
-                ours = _worker("ours", workdir, args, args.worker_timeout, **common)
-            except WorkerFailed as exc:
-                print(f"bench: {name}: {exc}", file=sys.stderr)
-                skipped.update({b: {"missing": str(exc)} for b in runnable})
-                ours = theirs = {"results": {}, "peak_rss_gb": None}
-        rss[name] = {"ours": ours["peak_rss_gb"], "transformers": theirs["peak_rss_gb"]}
-        measured[name] = ({**skipped, **ours["results"]}, {**skipped, **theirs["results"]})
+    probe = Served("probe", args, workdir, args.worker_timeout)
+    try:
+        for name in presets:
+            measured[name] = measure_preset(name, benches, args, workdir, probe)
+            rss[name] = measured[name].pop("_rss", None)
+    finally:
+        probe.close()
     last = _worker("ceilings", workdir, args, args.worker_timeout, **sizes)
     result["ceilings"] = ceilings.combine(limits["results"], last["results"])
-    for name, (ours, theirs) in measured.items():
-        result[name] = {b: report.bench_entry(PRESETS[name], b, ours[b], theirs[b],
-                                              result["ceilings"]) for b in benches}
+    for name, per_bench in measured.items():
+        result[name] = {b: report.bench_entry(PRESETS[name], b, *per_bench[b],
+                                              ceilings=result["ceilings"]) for b in benches}
     if not args.no_plan:
         try:
             result["beyond_cpu"] = _worker("plan", workdir, args, args.worker_timeout)["results"]

@@ -9,7 +9,7 @@ import os
 import platform
 from importlib import metadata
 
-_LIBS = ("jax", "jaxlib", "torch", "transformers", "numpy")
+_LIBS = ("jax", "jaxlib", "torch", "transformers", "numpy", "mkl")
 
 
 def _cpu_model() -> str:

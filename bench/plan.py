@@ -16,6 +16,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
+from meditron_jax import cpu_gemm
 from meditron_jax.config import LlamaConfig, preset, PRESETS as MODEL_PRESETS
 from meditron_jax.errors import UserError
 from meditron_jax.loading import directory_kind
@@ -152,10 +153,13 @@ def make_plan(cfg: LlamaConfig, *, model: str, mode: str, target: str, mesh: str
                                         dtype=DTYPES[pdt])
         settings = f"weights and KV cache {pdt}"
         model_flops = 0.0
-    memory = compile_plan(*build(the_mesh), devices)
-    # FLOPs belong to the global program: count them on one CPU device (lowered, not
-    # compiled), which also works where the target's compile-only client cannot.
-    flops = step_flops(*build(make_mesh("fsdp=1", devices=jax.devices("cpu")[:1])))
+    # XLA's own dot everywhere: the oneMKL custom call (meditron_jax.cpu_gemm) runs on
+    # this host's CPU only, and cost analysis could not count its FLOPs.
+    with cpu_gemm.forced("xla"):
+        memory = compile_plan(*build(the_mesh), devices)
+        # FLOPs belong to the global program: count them on one CPU device (lowered, not
+        # compiled), which also works where the target's compile-only client cannot.
+        flops = step_flops(*build(make_mesh("fsdp=1", devices=jax.devices("cpu")[:1])))
     return Plan(model=model, mode=mode, target=devices.name, device_kind=devices.device_kind,
                 devices=len(devices.devices), mesh=describe(the_mesh), batch=batch, seq=seq,
                 settings=settings, memory=memory, flops=flops, model_flops=model_flops)

@@ -137,10 +137,8 @@ def reference_slice(logits):
     return logits[0, : min(64, logits.shape[1])]
 
 
-def decode_result(p: BenchPreset, bench: str, ttft: float, total: float, first_call: float,
-                  tokens) -> dict:
-    """Decode seconds per step from two medians: a 1-token run (prefill + first token, the
-    time to first token) and a full run; the difference is new_tokens - 1 decode steps."""
+def decode_once(p: BenchPreset, ttft: float, total: float) -> dict:
+    """One decode measurement from a 1-token run (prefill + first token: the time to
+    first token) and a full run; the difference is new_tokens - 1 decode steps."""
     steps = max(p.work.new_tokens - 1, 1)
-    return {"seconds": max(total - ttft, 1e-9) / steps, "ttft_s": ttft, "total_s": total,
-            "first_call_s": first_call, "tokens": [list(map(int, row)) for row in tokens]}
+    return {"seconds": max(total - ttft, 1e-9) / steps, "ttft_s": ttft, "total_s": total}

@@ -7,6 +7,8 @@ bandwidth, i.e. the fraction of the weight-streaming bound.
 """
 from __future__ import annotations
 
+import statistics
+
 from bench.presets import BenchPreset, decode_bytes_per_step, tokens_per_step
 
 # bench -> (min ratio to transformers, min fraction of ceiling or None)
@@ -14,33 +16,67 @@ TARGETS = {"forward": (1.0, 0.8), "decode_b1": (1.5, 0.8), "decode_b8": (2.0, No
            "train": (1.3, 0.6)}
 
 
-def fraction_of_ceiling(p: BenchPreset, bench: str, seconds: float, ceilings: dict) -> float:
+def _rate(p: BenchPreset, bench: str, seconds: float) -> float:
+    """Model FLOP/s (forward, train) or bytes read per second (decode) of one run."""
     if bench in ("forward", "train"):
         flops = p.cfg.flops_per_token(p.work.seq_len, training=bench == "train")
-        return flops * tokens_per_step(p, bench) / seconds / (ceilings["matmul_gflops"] * 1e9)
-    return decode_bytes_per_step(p, bench) / seconds / (ceilings["read_gbps"] * 1e9)
+        return flops * tokens_per_step(p, bench) / seconds
+    return decode_bytes_per_step(p, bench) / seconds
 
 
-def bench_entry(p: BenchPreset, bench: str, ours: dict, theirs: dict, ceilings: dict) -> dict:
+def _ceiling(bench: str, ceilings: dict) -> float:
+    if bench in ("forward", "train"):
+        return ceilings["matmul_gflops"] * 1e9
+    return ceilings["read_gbps"] * 1e9
+
+
+def fraction_of_ceiling(p: BenchPreset, bench: str, seconds: float, ceilings: dict) -> float:
+    return _rate(p, bench, seconds) / _ceiling(bench, ceilings)
+
+
+def _against_probes(p: BenchPreset, bench: str, side: dict, probes) -> float | None:
+    """Median over the timed runs of each run's rate over the machine's speed measured
+    around it (bench/paired.py); None without probes."""
+    runs = side.get("seconds_all") or []
+    if not probes or len(probes) != len(runs):
+        return None
+    return statistics.median(fraction_of_ceiling(p, bench, s, c) for s, c in zip(runs, probes))
+
+
+def bench_entry(p: BenchPreset, bench: str, ours: dict, theirs: dict, our_probes=None,
+                their_probes=None, paired: bool = False, *, ceilings: dict) -> dict:
     """The JSON entry for one (preset, benchmark) pair."""
     if "seconds" not in ours or "seconds" not in theirs:
         return {"missing": ours.get("missing") or theirs.get("missing") or "not measured"}
     n = tokens_per_step(p, bench)
+    pairs = [t / o for t, o in zip(theirs.get("seconds_all") or [],
+                                   ours.get("seconds_all") or [])] if paired else []
+    run_fraction = fraction_of_ceiling(p, bench, ours["seconds"], ceilings)
     entry = {
         "ours_tokens_per_s": n / ours["seconds"],
         "transformers_tokens_per_s": n / theirs["seconds"],
-        "ratio": theirs["seconds"] / ours["seconds"],
-        "fraction_of_ceiling": fraction_of_ceiling(p, bench, ours["seconds"], ceilings),
+        # paired runs: the median of the per-pair ratios (each pair ran back to back)
+        "ratio": statistics.median(pairs) if pairs else theirs["seconds"] / ours["seconds"],
+        "fraction_of_ceiling": _against_probes(p, bench, ours, our_probes) or run_fraction,
         "compiles_after_warmup": ours["compiles_after_warmup"],
         "ceiling_kind": "mfu" if bench in ("forward", "train") else "read_bandwidth",
-        "transformers_fraction_of_ceiling": fraction_of_ceiling(p, bench, theirs["seconds"],
-                                                                 ceilings),
+        "transformers_fraction_of_ceiling": (
+            _against_probes(p, bench, theirs, their_probes)
+            or fraction_of_ceiling(p, bench, theirs["seconds"], ceilings)),
+        # against the best ceilings of the whole run (before/after workers), not the probes
+        "fraction_of_run_ceiling": run_fraction,
+        "paired": bool(pairs),
+        "pair_ratios": pairs,
         # CPU share other processes took while each side ran (0 = a clean measurement)
         "other_load": max(ours.get("other_load") or 0.0, theirs.get("other_load") or 0.0),
         "ours_compile_s": ours.get("compile_s"),
         "ours_first_call_s": ours.get("first_call_s"),
         "transformers_first_call_s": theirs.get("first_call_s"),
+        "ours_matmul": ours.get("matmul"),  # "xla", or "blas (oneMKL ...)" on one CPU device
     }
+    if our_probes:
+        entry["probe_matmul_gflops"] = [round(c["matmul_gflops"], 1) for c in our_probes]
+        entry["probe_read_gbps"] = [round(c["read_gbps"], 2) for c in our_probes]
     for key in ("ttft_s", "total_s"):
         if key in ours:
             entry[f"ours_{key}"] = ours[key]

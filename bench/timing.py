@@ -17,6 +17,22 @@ def repeat_seconds(fn: Callable[[], object], repeats: int) -> list[float]:
     return [timed(fn) for _ in range(repeats)]
 
 
+class Bench:
+    """One benchmark on one side, driven by the parent one call at a time (so the two
+    sides' timed runs can alternate): ``warm`` compiles / runs it once, ``once`` times
+    one run and returns at least ``{"seconds": ...}``, ``finish`` adds the checks made
+    on the last run's output (logits, greedy tokens, compilations)."""
+
+    def warm(self) -> dict:
+        raise NotImplementedError
+
+    def once(self) -> dict:
+        raise NotImplementedError
+
+    def finish(self) -> dict:
+        return {}
+
+
 class KeepLast:
     """``fn`` that remembers its last result, so the output of the last timed run can
     be checked afterwards without running the workload once more."""

@@ -1,8 +1,11 @@
-"""One measurement in a fresh process: ``python -m bench.worker KIND ... --out FILE``.
+"""Measurements in fresh processes: ``python -m bench.worker KIND ...``.
 
 Each side runs in its own process so neither inherits the other's thread pools, its
 spinning OpenMP workers or its allocator state. The process pins its CPU set and
-thread counts *before* JAX or PyTorch start, identically for both sides.
+thread counts *before* JAX or PyTorch start, identically for both sides. ``ceilings``
+and ``plan`` write ``--out`` and exit; ``transformers`` and ``ours`` load their model
+once and then serve the parent's commands (:func:`serve`), so the parent can alternate
+the two sides' timed runs and probe the machine between them.
 """
 from __future__ import annotations
 
@@ -12,7 +15,10 @@ import os
 import resource
 import sys
 
-KINDS = ("ceilings", "transformers", "ours", "plan")
+from bench.timing import OtherLoad
+
+SERVED = ("transformers", "ours", "probe")  # long-lived: driven over stdin/stdout
+KINDS = ("ceilings", "plan") + SERVED       # ceilings, plan: write --out and exit
 # XLA CPU settings for our side; bench/NOTES.md records what each one measured.
 XLA_CPU_FLAGS = ""
 
@@ -43,39 +49,82 @@ def _torch_threads(n: int) -> None:
     torch.set_num_interop_threads(1)
 
 
+def serve(side, commands, replies) -> None:
+    """Answer the parent's commands, one JSON object per line each way: ``warm``,
+    ``once`` and ``finish`` (with ``bench``) drive one benchmark, ``probe`` measures the
+    machine's speed now, ``exit`` ends. A failure is answered with ``error`` and the
+    worker goes on (the parent decides)."""
+    current: dict = {}
+    for line in commands:
+        cmd = json.loads(line)
+        op = cmd.get("op")
+        if op == "exit":
+            break
+        try:
+            if op == "probe":
+                from bench import ceilings
+                reply = ceilings.probe()
+            elif op == "warm":
+                current.clear()  # drop the previous benchmark's buffers first
+                current[cmd["bench"]] = bench = side.bench(cmd["bench"])
+                reply = bench.warm()
+            elif op == "once":
+                with OtherLoad() as load:
+                    reply = current[cmd["bench"]].once()
+                reply["other_load"] = load.value
+            elif op == "finish":
+                reply = current[cmd["bench"]].finish()
+            else:
+                raise ValueError(f"unknown command {op!r}")
+        except Exception as exc:  # noqa: BLE001 (reported to the parent, which decides)
+            reply = {"error": f"{type(exc).__name__}: {exc}"}
+        replies.write(json.dumps(reply) + "\n")
+        replies.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.worker")
     parser.add_argument("kind", choices=KINDS)
     parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--benches", default="forward")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="ceilings: repeats")
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--weights", help="snapshot directory shared by both sides")
     parser.add_argument("--matmul-n", type=int, default=3072)
     parser.add_argument("--read-mib", type=int, default=512)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", help="result file (ceilings, plan)")
     args = parser.parse_args(argv)
 
     cpus = pin_threads(args.threads, devices=8 if args.kind == "plan" else 1)
-    if args.kind in ("ceilings", "transformers"):  # keep PyTorch's runtime out of ours
+    if args.kind != "ours" and args.kind != "plan":  # keep PyTorch's runtime out of ours
         _torch_threads(len(cpus))
-    from bench.presets import bench_preset
-
-    benches = args.benches.split(",")
+    if args.kind in SERVED:
+        # The protocol owns the original stdout; anything a library prints goes to stderr.
+        replies = os.fdopen(os.dup(1), "w", encoding="utf-8")
+        os.dup2(2, 1)
+        from bench.presets import bench_preset
+        p = bench_preset(args.preset)
+        side = None  # the probe worker only answers probes
+        if args.kind == "transformers":
+            from bench import hf_side
+            side = hf_side.Side(p, args.weights, args.seed)
+        elif args.kind == "ours":
+            from bench import jax_side
+            side = jax_side.Side(p, args.weights)
+        replies.write(json.dumps({"ready": True, "cpus": cpus,
+                                  "matmul": getattr(side, "matmul", None)}) + "\n")
+        replies.flush()
+        serve(side, sys.stdin, replies)
+        peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        replies.write(json.dumps({"peak_rss_gb": round(peak_kb / 2 ** 20, 2)}) + "\n")
+        replies.flush()
+        return 0
     if args.kind == "plan":
         from bench import beyond_cpu
         result = beyond_cpu.measure()
-    elif args.kind == "ceilings":
+    else:
         from bench import ceilings
         result = ceilings.measure(args.repeats, args.matmul_n, args.read_mib * 2 ** 20)
-    elif args.kind == "transformers":
-        from bench import hf_side
-        result = hf_side.run(bench_preset(args.preset), benches, args.repeats, args.seed,
-                             args.weights)
-    else:
-        from bench import jax_side
-        result = jax_side.run(bench_preset(args.preset), benches, args.repeats, args.weights)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     result = {"cpus": cpus, "peak_rss_gb": round(peak_kb / 2 ** 20, 2), "results": result}
     tmp = args.out + ".tmp"

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from meditron_jax import cpu_gemm
 from meditron_jax.config import LlamaConfig
 
 
@@ -44,10 +45,20 @@ class OutIn:
 OUT_IN_MAX_ROWS = 64
 
 
-def dense(x: jax.Array, w, spec: str, preferred_element_type=None) -> jax.Array:
+def dense(x: jax.Array, w, spec: str, preferred_element_type=None,
+          impl: str = "xla") -> jax.Array:
     """``einsum(spec, x, w)`` for x [M, in...] and a weight [in..., out...], or the
-    same product with an :class:`OutIn` weight (returned as [M, out...])."""
-    if isinstance(w, OutIn):
+    same product with an :class:`OutIn` weight (returned as [M, out...]).
+
+    ``impl="blas"`` (from :func:`meditron_jax.cpu_gemm.resolve`: one CPU device) runs
+    float32 products as one 2-D oneMKL GEMM; other dtypes stay on XLA's dot."""
+    out_in = isinstance(w, OutIn)
+    # Decoding's few rows against transposed weights stay on XLA's weight-left product:
+    # it streamed the weights faster than oneMKL did (decode b8 198 vs 108 tokens/s).
+    if (impl == "blas" and cpu_gemm.supports(x, w.t if out_in else w)
+            and not (out_in and x.shape[0] < OUT_IN_MAX_ROWS)):
+        return _dense_blas(x, w, spec)
+    if out_in:
         x2 = x.reshape(x.shape[0], -1)
         if x2.shape[0] >= OUT_IN_MAX_ROWS:  # many rows (prefill): an ordinary GEMM
             y = jnp.einsum("MK,NK->MN", x2, w.t, preferred_element_type=preferred_element_type)
@@ -58,6 +69,22 @@ def dense(x: jax.Array, w, spec: str, preferred_element_type=None) -> jax.Array:
             y = jax.lax.optimization_barrier(y).T
         return y.reshape(x.shape[0], *w.out_shape)
     return jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type)
+
+
+def _dense_blas(x: jax.Array, w, spec: str) -> jax.Array:
+    """:func:`dense` as one [rows, in] x [in, out] GEMM: ``spec`` contracts x's trailing
+    dims with w's leading ones (as every projection of the model does)."""
+    if isinstance(w, OutIn):
+        y = cpu_gemm.matmul(x.reshape(x.shape[0], -1), w.t, False, True)
+        return y.reshape(x.shape[0], *w.out_shape)
+    inputs, out = spec.replace("...", "").split("->")
+    lhs, rhs = inputs.split(",")
+    n = len((set(lhs) & set(rhs)) - set(out))
+    if lhs[len(lhs) - n:] != rhs[:n]:
+        raise ValueError(f"dense spec {spec!r}: x's trailing dims must be w's leading ones")
+    inner = math.prod(w.shape[:n])
+    y = cpu_gemm.matmul(x.reshape(-1, inner), w.reshape(inner, -1))
+    return y.reshape(*x.shape[:x.ndim - n], *w.shape[n:])
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -137,7 +164,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                     impl: str | None = None, chunks: int = 4) -> jax.Array:
+                     impl: str | None = None, chunks: int = 4,
+                     matmul_impl: str = "xla") -> jax.Array:
     """:func:`attention` over a whole sequence without a cache (query slot i is key
     slot i): query chunk c needs only the keys up to its own end, so the blocks above
     the causal diagonal are never computed (for 4 chunks, 5/8 of the full products).
@@ -146,7 +174,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     if chunks <= 1 or t % chunks or k.shape[1] != t:
         return attention(q, k, v, mask, impl)
     if impl is None and jax.default_backend() != "gpu":  # GPU: let JAX pick (cuDNN)
-        return _causal_head_major(q, k, v, mask, chunks)
+        return _causal_head_major(q, k, v, mask, chunks, matmul_impl)
     size = t // chunks
     out = [attention(q[:, c * size:(c + 1) * size], k[:, :(c + 1) * size],
                      v[:, :(c + 1) * size], mask[:, :, c * size:(c + 1) * size, :(c + 1) * size],
@@ -155,14 +183,15 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
 
 
 def _causal_head_major(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                       chunks: int) -> jax.Array:
+                       chunks: int, matmul_impl: str = "xla") -> jax.Array:
     """:func:`causal_attention` with q, k and v made head-major once (q [B,K,G,T,H],
     k/v [B,K,S,H]), so every chunk's two products are batched matmuls over contiguous
     [T, H] / [S, H] blocks; ``jax.nn.dot_product_attention`` on [B,T,N,H] had XLA:CPU
     transpose the keys and values again for each chunk. In float32 the 1/sqrt(H) scale
     goes on q (one pass over [T, H], not over the [T, S] logits); other dtypes scale the
     float32 logits as before. Forward 1.7x, forward+backward 1.4x faster per layer on
-    `small` (bench/NOTES.md)."""
+    `small` (bench/NOTES.md). With ``matmul_impl="blas"`` both products are batched
+    oneMKL GEMMs over the B*K heads."""
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
     scale = np.float32(1.0 / math.sqrt(h))
@@ -175,13 +204,25 @@ def _causal_head_major(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
     out = []
     for c in range(chunks):
         rows, keys = slice(c * size, (c + 1) * size), slice(0, (c + 1) * size)
-        logits = jnp.einsum("BKGTH,BKSH->BKGTS", qh[:, :, :, rows], kh[:, :, keys],
-                            preferred_element_type=jnp.float32)
+        logits = _head_products(qh[:, :, :, rows], kh[:, :, keys], True, matmul_impl)
         if scale is not None:
             logits = logits * scale
         probs = jax.nn.softmax(logits + bias[:, :, :, rows, keys], axis=-1).astype(v.dtype)
-        out.append(jnp.einsum("BKGTS,BKSH->BKGTH", probs, vh[:, :, keys]))
+        out.append(_head_products(probs, vh[:, :, keys], False, matmul_impl))
     return jnp.concatenate(out, axis=3).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
+def _head_products(x: jax.Array, y: jax.Array, keys: bool, matmul_impl: str) -> jax.Array:
+    """Per (B, K) head: x [B,K,G,T,*] with y [B,K,S,H]. ``keys``: the logits x @ y^T
+    -> [B,K,G,T,S] (float32); else the values probs @ y -> [B,K,G,T,H]."""
+    b, kv, g, t = x.shape[:4]
+    if matmul_impl == "blas" and cpu_gemm.supports(x, y):
+        flat = cpu_gemm.matmul(x.reshape(b * kv, g * t, x.shape[-1]),
+                               y.reshape(b * kv, *y.shape[2:]), False, keys)
+        return flat.reshape(b, kv, g, t, -1)
+    if keys:
+        return jnp.einsum("BKGTH,BKSH->BKGTS", x, y, preferred_element_type=jnp.float32)
+    return jnp.einsum("BKGTS,BKSH->BKGTH", x, y)
 
 
 def _einsum_attention(q, k, v, mask):
@@ -220,9 +261,9 @@ def attention_head_major(q: jax.Array, k: jax.Array, v: jax.Array,
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
-def swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
+def swiglu(x: jax.Array, gate, up, down, impl: str = "xla") -> jax.Array:
     """x [..., D] -> [..., D] (the model passes [B*T, D] rows; :class:`OutIn` weights
     take only [M, D])."""
-    g = dense(x, gate, "...D,DF->...F")
-    u = dense(x, up, "...D,DF->...F")
-    return dense(jax.nn.silu(g) * u, down, "...F,FD->...D")
+    g = dense(x, gate, "...D,DF->...F", impl=impl)
+    u = dense(x, up, "...D,DF->...F", impl=impl)
+    return dense(jax.nn.silu(g) * u, down, "...F,FD->...D", impl=impl)

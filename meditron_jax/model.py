@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from meditron_jax import cpu_gemm
 from meditron_jax.config import LlamaConfig
 from meditron_jax.errors import UserError
 from meditron_jax.kvcache import KVCache
@@ -138,7 +139,9 @@ def forward(params: Params, tokens: jax.Array, cfg: LlamaConfig, *,
             attention_impl: str | None = None,
             constrain: Constrain | None = None,
             return_hidden: bool = False,
-            lora: tuple[dict, float] | None = None):
+            lora: tuple[dict, float] | None = None,
+            matmul_impl: str | None = None,
+            scan_layers: bool | None = None):
     """Run the decoder.
 
     tokens [B, T] int. positions [B, T] (default: slot index, i.e. 0..T-1 after what the
@@ -149,9 +152,14 @@ def forward(params: Params, tokens: jax.Array, cfg: LlamaConfig, *,
     Returns ``(logits [B, T, V] float32, cache or None)``; with ``return_hidden`` the
     final normed hidden states [B, T, D] (compute dtype) instead of logits.
     ``lora = (adapters, scale)`` merges LoRA adapters into each layer's weights
-    (:mod:`meditron_jax.lora`).
+    (:mod:`meditron_jax.lora`). ``matmul_impl`` (None: automatic) picks XLA's dot or,
+    on one CPU device, oneMKL for the float32 projections (:mod:`meditron_jax.cpu_gemm`).
+    ``scan_layers`` (None: automatic) runs stacked layers as one ``lax.scan``, or
+    without a cache as an unrolled loop (:func:`meditron_jax.cpu_gemm.scan_layers`:
+    the default on one CPU device).
     """
     constrain = constrain or _no_constraint
+    mm = cpu_gemm.resolve(matmul_impl)
     b, t = tokens.shape
     limit = cache.max_len if cache is not None else t
     if limit > cfg.max_position_embeddings:
@@ -194,9 +202,9 @@ def forward(params: Params, tokens: jax.Array, cfg: LlamaConfig, *,
         # which XLA:CPU computes in place; with (B, T) it first transposes the
         # activations (a slow copy per matmul per layer, bench/NOTES.md).
         h = rms_norm(x, w["attn_norm"], eps).reshape(b * t, -1)
-        q = dense(h, w["q"], "MD,DNH->MNH").reshape(b, t, n_heads, head_dim)
-        k = dense(h, w["k"], "MD,DKH->MKH").reshape(b, t, kv_heads, head_dim)
-        v = dense(h, w["v"], "MD,DKH->MKH").reshape(b, t, kv_heads, head_dim)
+        q = dense(h, w["q"], "MD,DNH->MNH", impl=mm).reshape(b, t, n_heads, head_dim)
+        k = dense(h, w["k"], "MD,DKH->MKH", impl=mm).reshape(b, t, kv_heads, head_dim)
+        v = dense(h, w["v"], "MD,DKH->MKH", impl=mm).reshape(b, t, kv_heads, head_dim)
         # Named so the "save_qkv_proj" remat policy keeps them instead of recomputing.
         q, k, v = (checkpoint_name(a, "qkv_proj") for a in (q, k, v))
         q = apply_rope(q, cos, sin)
@@ -216,22 +224,26 @@ def forward(params: Params, tokens: jax.Array, cfg: LlamaConfig, *,
                 k = jax.lax.dynamic_index_in_dim(k_cache, i, 0, keepdims=False).astype(dtype)
                 v = jax.lax.dynamic_index_in_dim(v_cache, i, 0, keepdims=False).astype(dtype)
             attn = (attention(q, k, v, mask, attention_impl) if k_cache is not None
-                    else causal_attention(q, k, v, mask, attention_impl, CAUSAL_CHUNKS))
+                    else causal_attention(q, k, v, mask, attention_impl, CAUSAL_CHUNKS, mm))
         # One contraction over E = N*H: with (N, H) as two contracting dims XLA:CPU
         # may transpose the o weight (not the small activation) at every decode step.
         o = w["o"] if isinstance(w["o"], OutIn) else w["o"].reshape(-1, w["o"].shape[-1])
-        out = dense(attn.reshape(b * t, -1), o, "ME,ED->MD")
+        out = dense(attn.reshape(b * t, -1), o, "ME,ED->MD", impl=mm)
         x = x + out.reshape(x.shape)
         h = rms_norm(x, w["mlp_norm"], eps).reshape(b * t, -1)
-        x = x + swiglu(h, w["gate"], w["up"], w["down"]).reshape(x.shape)
+        x = x + swiglu(h, w["gate"], w["up"], w["down"], mm).reshape(x.shape)
         return (x, k_cache, v_cache), None
 
     block = _remat(block, remat)
     init = (x, cache.k if cache is not None else None, cache.v if cache is not None else None)
-    if isinstance(params["layers"], (list, tuple)):  # unstacked: see unstack_layers
+    layers = params["layers"]
+    if (cache is None and not isinstance(layers, (list, tuple))
+            and not cpu_gemm.scan_layers(scan_layers)):
+        layers = split_layers(layers)
+    if isinstance(layers, (list, tuple)):  # unstacked: see unstack_layers
         ks, vs = per_layer_cache(cache) if cache is not None else (None, None)
         new_k, new_v = [], []
-        for i, lp in enumerate(params["layers"]):
+        for i, lp in enumerate(layers):
             adapters = jax.tree.map(lambda a: a[i], lora[0]) if lora else None
             (x, k_i, v_i), _ = block((x, ks and ks[i], vs and vs[i]), (lp, adapters, None))
             new_k.append(k_i)
@@ -240,7 +252,7 @@ def forward(params: Params, tokens: jax.Array, cfg: LlamaConfig, *,
     else:
         layer_ids = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
         (x, k_cache, v_cache), _ = jax.lax.scan(
-            block, init, (params["layers"], lora[0] if lora else None, layer_ids))
+            block, init, (layers, lora[0] if lora else None, layer_ids))
 
     x = constrain(x, ("batch", "seq", None))
     x = rms_norm(x, params["final_norm"].astype(dtype), eps)
@@ -249,7 +261,17 @@ def forward(params: Params, tokens: jax.Array, cfg: LlamaConfig, *,
         new_cache = KVCache(k=k_cache, v=v_cache, segment_ids=kv_segments, index=start + t)
     if return_hidden:
         return x, new_cache
-    return logits_from_hidden(params, x, cfg, constrain), new_cache
+    return logits_from_hidden(params, x, cfg, constrain, mm), new_cache
+
+
+def split_layers(layers: dict) -> tuple[dict, ...]:
+    """Stacked [L, ...] layer weights as L per-layer dicts, inside a traced program: one
+    ``lax.split`` per weight, whose transpose is one concatenate, so the stacked
+    gradient is assembled in a single copy (indexing each layer would transpose into
+    L zero-padded full-size buffers)."""
+    n = jax.tree.leaves(layers)[0].shape[0]
+    parts = {name: jax.lax.split(w, (1,) * n, axis=0) for name, w in layers.items()}
+    return tuple({name: parts[name][i][0] for name in layers} for i in range(n))
 
 
 # Projection weights and how many leading dims each contracts (o contracts N and H).
@@ -315,14 +337,21 @@ def per_layer_cache(cache: KVCache) -> tuple[tuple, tuple]:
 
 
 def logits_from_hidden(params: Params, x: jax.Array, cfg: LlamaConfig,
-                       constrain: Constrain | None = None) -> jax.Array:
+                       constrain: Constrain | None = None,
+                       matmul_impl: str | None = None) -> jax.Array:
+    mm = cpu_gemm.resolve(matmul_impl)
     head = params.get("lm_head")  # the decode layout's OutIn head, also when tied
     if not isinstance(head, OutIn):
-        head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    if isinstance(head, OutIn):
+        if cfg.tie_word_embeddings:
+            # oneMKL reads the [V, D] embedding as the transposed head, in place
+            head = (OutIn(params["embed"], (params["embed"].shape[0],)) if mm == "blas"
+                    else params["embed"].T)
+        else:
+            head = params["lm_head"]
+    if isinstance(head, OutIn) or mm == "blas":
         b, t, d = x.shape
         logits = dense(x.reshape(b * t, d), head.astype(x.dtype), "MD,DV->MV",
-                       preferred_element_type=jnp.float32).reshape(b, t, -1)
+                       preferred_element_type=jnp.float32, impl=mm).reshape(b, t, -1)
     else:
         logits = jnp.einsum("BTD,DV->BTV", x, head.astype(x.dtype),
                             preferred_element_type=jnp.float32)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from meditron_jax import cpu_gemm
 from meditron_jax.config import LlamaConfig
 from meditron_jax.lora import LoraConfig, init_lora, lora_logical_axes
 from meditron_jax.model import abstract_params, forward
@@ -53,10 +54,11 @@ class StepOptions:
     attention_impl: str | None = None
     loss_chunk: int = 1024         # sequence positions per logits chunk (vocab is large)
     lora: LoraConfig | None = None
+    scan_layers: bool | None = None  # None: scanned, unrolled on one CPU device
 
 
 def chunked_loss_sums(params, hidden, targets, weights, cfg: LlamaConfig, chunk: int,
-                      head_grad: bool = True):
+                      head_grad: bool = True, matmul_impl: str | None = None):
     """(sum of weighted next-token NLL, sum of weights) without the full [B,T,V] logits.
 
     The sequence is cut into chunks of at most ``chunk`` positions, so at most
@@ -68,9 +70,49 @@ def chunked_loss_sums(params, hidden, targets, weights, cfg: LlamaConfig, chunk:
     """
     t = hidden.shape[1]
     chunk = math.gcd(t, min(chunk, t))
-    head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    nll = _head_nll(hidden, head.astype(hidden.dtype), targets, weights, chunk, head_grad)
+    tied = cfg.tie_word_embeddings
+    if cpu_gemm.resolve(matmul_impl) == "blas" and hidden.dtype == jnp.float32:
+        # oneMKL reads a tied head as the [V, D] embedding itself (no transposed copy)
+        head = _Head(params["embed"] if tied else params["lm_head"], tied, "blas")
+    else:
+        head = _Head(params["embed"].T if tied else params["lm_head"], False, "xla")
+    nll = _head_nll(hidden, head.w.astype(hidden.dtype), targets, weights, chunk, head_grad,
+                    head.static)
     return nll, jnp.sum(weights)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Head:
+    """The head's three products on [M, D] rows: ``w`` is [D, V], or [V, D] when
+    ``transposed`` (a tied embedding under oneMKL); ``impl`` is "xla" or "blas"."""
+    w: Any
+    transposed: bool
+    impl: str
+
+    @property
+    def static(self) -> tuple[bool, str]:
+        return self.transposed, self.impl
+
+    def logits(self, h):                       # [B, C, D] -> [B, C, V] float32
+        if self.impl == "xla":
+            return jnp.einsum("BTD,DV->BTV", h, self.w, preferred_element_type=jnp.float32)
+        b, c, d = h.shape
+        return cpu_gemm.matmul(h.reshape(b * c, d), self.w, False, self.transposed).reshape(
+            b, c, -1)
+
+    def d_hidden(self, dlogits):               # [B, C, V] -> [B, C, D] float32
+        if self.impl == "xla":
+            return jnp.einsum("BTV,DV->BTD", dlogits, self.w, preferred_element_type=jnp.float32)
+        b, c, v = dlogits.shape
+        return cpu_gemm.matmul(dlogits.reshape(b * c, v), self.w, False,
+                               not self.transposed).reshape(b, c, -1)
+
+    def d_weight(self, h, dlogits):            # -> the shape of w, float32
+        if self.impl == "xla":
+            return jnp.einsum("BTD,BTV->DV", h, dlogits, preferred_element_type=jnp.float32)
+        h2, dl2 = h.reshape(-1, h.shape[-1]), dlogits.reshape(-1, dlogits.shape[-1])
+        return (cpu_gemm.matmul(dl2, h2, True, False) if self.transposed
+                else cpu_gemm.matmul(h2, dl2, True, False))
 
 
 def _split_chunks(chunk: int, *xs):
@@ -85,17 +127,19 @@ def _merge_chunks(x):
     return x.reshape(x.shape[0], -1, *x.shape[3:])
 
 
-def _chunk_logits(h, head, tgt):
+def _chunk_logits(h, head: _Head, tgt):
     """Per-position (logits [B,C,V] f32, logsumexp [B,C], NLL [B,C]) of one chunk."""
-    logits = jnp.einsum("BTD,DV->BTV", h, head, preferred_element_type=jnp.float32)
+    logits = head.logits(h)
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
     return logits, lse, lse - picked
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _head_nll(hidden, head, targets, weights, chunk: int, head_grad: bool):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _head_nll(hidden, head, targets, weights, chunk: int, head_grad: bool, static: tuple):
     """sum(weights * NLL(hidden @ head, targets)), chunk by chunk over the sequence."""
+    head = _Head(head, *static)
+
     def piece(xs):
         h, tgt, w = xs
         return jnp.sum(_chunk_logits(h, head, tgt)[2] * w)
@@ -103,30 +147,31 @@ def _head_nll(hidden, head, targets, weights, chunk: int, head_grad: bool):
     return jnp.sum(jax.lax.map(piece, chunks))
 
 
-def _head_nll_fwd(hidden, head, targets, weights, chunk: int, head_grad: bool):
+def _head_nll_fwd(hidden, head, targets, weights, chunk: int, head_grad: bool, static: tuple):
     # d(sum w * NLL)/d logits = w * (softmax - onehot(target)): formed while the chunk's
     # logits are alive, then pushed through the head right away; only d hidden
     # [B,T,D], d head [D,V] and the per-position NLL are kept for the backward pass.
+    shape = head.shape
+    head = _Head(head, *static)
+
     def body(d_head, xs):
         h, tgt, w = xs
         logits, lse, nll = _chunk_logits(h, head, tgt)
         dlogits = jnp.exp(logits - lse[..., None])
-        dlogits = dlogits - jax.nn.one_hot(tgt, head.shape[1], dtype=dlogits.dtype)
+        dlogits = dlogits - jax.nn.one_hot(tgt, logits.shape[-1], dtype=dlogits.dtype)
         dlogits = (dlogits * w[..., None]).astype(h.dtype)
-        d_h = jnp.einsum("BTV,DV->BTD", dlogits, head,
-                         preferred_element_type=jnp.float32).astype(h.dtype)
+        d_h = head.d_hidden(dlogits).astype(h.dtype)
         if head_grad:
-            d_head = d_head + jnp.einsum("BTD,BTV->DV", h, dlogits,
-                                         preferred_element_type=jnp.float32)
+            d_head = d_head + head.d_weight(h, dlogits)
         return d_head, (nll, d_h)
     chunks = _split_chunks(chunk, hidden, targets, weights)
-    init = jnp.zeros(head.shape if head_grad else (), jnp.float32)
+    init = jnp.zeros(shape if head_grad else (), jnp.float32)
     d_head, (nll, d_h) = jax.lax.scan(body, init, chunks)
     nll, d_h = _merge_chunks(nll), _merge_chunks(d_h)
     return jnp.sum(nll * weights), (d_h, d_head, nll)
 
 
-def _head_nll_bwd(chunk: int, head_grad: bool, res, g):
+def _head_nll_bwd(chunk: int, head_grad: bool, static: tuple, res, g):
     d_h, d_head, nll = res
     d_head = (g * d_head).astype(d_h.dtype) if head_grad else None  # None: zero
     return (g.astype(d_h.dtype) * d_h, d_head, None, g * nll)
@@ -145,7 +190,8 @@ def make_loss_sums(cfg: LlamaConfig, opts: StepOptions, constrain=None) -> Calla
         hidden, _ = forward(params, batch["inputs"], cfg, positions=batch["positions"],
                             segment_ids=batch["segment_ids"], dtype=opts.compute_dtype,
                             remat=opts.remat, attention_impl=opts.attention_impl,
-                            constrain=constrain, return_hidden=True, lora=lora)
+                            constrain=constrain, return_hidden=True, lora=lora,
+                            scan_layers=opts.scan_layers)
         return chunked_loss_sums(params, hidden, batch["targets"],
                                  batch["weights"].astype(jnp.float32), cfg, opts.loss_chunk,
                                  head_grad=opts.lora is None)

@@ -1,0 +1,174 @@
+"""Paired measurement: both sides alive at once, their timed runs alternating.
+
+The benchmark box is a shared VM whose speed drifts by up to 2x within a minute
+(bench/NOTES.md: a oneMKL 2048^3 matmul measured 155-318 GFLOP/s over 40 s). Timing
+one side's repeats and then the other's lets that drift into the ratio. Here the
+parent keeps a transformers worker, our worker and a small probe worker running, and
+for each repeat r of a benchmark times one run of each side back to back (the order
+alternating between repeats), with a probe of the machine's matmul and read speed
+between the pairs. The ratio is the median of the per-pair ratios; a fraction of the
+ceiling divides each run by the probes taken around it.
+
+A benchmark whose two sides do not fit in memory together (``medium`` training) runs
+each side alone in a fresh worker, the probes still between its repeats, and is
+marked ``paired: false``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from typing import Callable
+
+from bench.presets import BenchPreset, peak_gib_estimate
+from meditron_jax.errors import UserError
+
+
+# Pause before each timed run or probe: a side that just ran may still spin its worker
+# threads (OpenMP, XLA's pool) for a moment, which would steal CPU from the next one.
+SETTLE_S = 0.3
+
+
+class WorkerFailed(UserError):
+    """A worker process failed or timed out (its output tail is printed)."""
+
+
+class Served:
+    """A long-lived ``bench.worker`` process spoken to in JSON lines over its
+    stdin/stdout; its stderr goes to a log file whose tail is shown on failure."""
+
+    def __init__(self, kind: str, args, workdir: str, timeout: float, **opts):
+        self.kind, self.timeout = kind, timeout
+        self.log_path = os.path.join(workdir, f"{kind}-{opts.get('preset', 'machine')}.log")
+        cmd = [sys.executable, "-m", "bench.worker", kind, "--threads", str(args.threads),
+               "--seed", str(args.seed)]
+        for key, value in opts.items():
+            cmd += [f"--{key}", str(value)]
+        print(f"bench: {kind} {opts.get('preset', '')}".rstrip(), file=sys.stderr, flush=True)
+        self._log = open(self.log_path, "w", encoding="utf-8")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self._log, text=True, bufsize=1)
+        self._lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+        self.ready = self._reply("start")
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)  # end of stream: the worker exited
+
+    def _fail(self, why: str) -> WorkerFailed:
+        self.kill()
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                tail = "\n".join(f.read().strip().splitlines()[-15:])
+        except OSError:
+            tail = ""
+        if tail:
+            print(tail, file=sys.stderr)
+        return WorkerFailed(f"the {self.kind} worker {why}")
+
+    def _reply(self, what: str) -> dict:
+        try:
+            line = self._lines.get(timeout=self.timeout)
+        except queue.Empty:
+            raise self._fail(f"did not answer {what} within --worker-timeout="
+                             f"{self.timeout:g}s") from None
+        if line is None:
+            code = self.proc.wait()
+            raise self._fail(f"failed (exit {code}) during {what}; its last output is "
+                             "printed above")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise self._fail(f"failed during {what}: {reply['error']}")
+        return reply
+
+    def call(self, op: str, bench: str | None = None) -> dict:
+        if op in ("once", "probe"):
+            time.sleep(SETTLE_S)
+        try:
+            self.proc.stdin.write(json.dumps({"op": op, "bench": bench}) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass  # the reply read below reports the exit
+        return self._reply(f"{op} {bench or ''}".strip())
+
+    def close(self) -> dict:
+        """Ask the worker to exit; its last line reports its peak RSS."""
+        try:
+            self.proc.stdin.write(json.dumps({"op": "exit"}) + "\n")
+            self.proc.stdin.close()
+            final = self._reply("exit")
+            self.proc.wait(timeout=60)
+        finally:
+            self.kill()
+        return final
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+def pair_fits(p: BenchPreset, bench: str, free_gib: float) -> bool:
+    """Both sides' estimated peaks (and the probe's ~0.5 GiB) fit what is free now."""
+    return 2 * peak_gib_estimate(p, bench) + 0.5 <= free_gib
+
+
+def _median(xs):
+    return statistics.median(xs) if xs else None
+
+
+def summarize(warm: dict, runs: list[dict], finish: dict) -> dict:
+    """One side's raw result: medians of its timed runs plus warm-up and checks."""
+    out = {**warm, **finish, "seconds_all": [r["seconds"] for r in runs],
+           "seconds": _median([r["seconds"] for r in runs]),
+           "other_load": max((r.get("other_load") or 0.0) for r in runs)}
+    for key in ("ttft_s", "total_s"):
+        if runs and key in runs[0]:
+            out[key] = _median([r[key] for r in runs])
+    return out
+
+
+def run_paired(bench: str, repeats: int, theirs: Served, ours: Served, probe: Served) -> tuple:
+    """Warm both sides, then ``repeats`` back-to-back pairs with probes between them."""
+    warm_t, warm_o = theirs.call("warm", bench), ours.call("warm", bench)
+    runs_t, runs_o, probes = [], [], [probe.call("probe")]
+    for r in range(repeats):
+        order = [(theirs, runs_t), (ours, runs_o)]
+        for side, runs in (order if r % 2 == 0 else order[::-1]):
+            runs.append(side.call("once", bench))
+        probes.append(probe.call("probe"))
+    theirs_result = summarize(warm_t, runs_t, theirs.call("finish", bench))
+    ours_result = summarize(warm_o, runs_o, ours.call("finish", bench))
+    ours_result["matmul"] = ours.ready.get("matmul")
+    return ours_result, theirs_result, around(probes), around(probes)
+
+
+def run_alone(bench: str, repeats: int, start: Callable[[], Served], probe: Served) -> tuple:
+    """One side in a fresh worker of its own, probes between its repeats."""
+    side = start()
+    try:
+        warm = side.call("warm", bench)
+        runs, probes = [], [probe.call("probe")]
+        for _ in range(repeats):
+            runs.append(side.call("once", bench))
+            probes.append(probe.call("probe"))
+        result = summarize(warm, runs, side.call("finish", bench))
+        result["matmul"] = side.ready.get("matmul")
+        result["peak_rss_gb"] = side.close().get("peak_rss_gb")
+    finally:
+        side.kill()
+    return result, around(probes)
+
+
+def around(probes: list[dict]) -> list[dict]:
+    """The machine's speed during run r: the mean of the probes before and after it."""
+    return [{key: (a[key] + b[key]) / 2 for key in ("matmul_gflops", "read_gbps")}
+            for a, b in zip(probes, probes[1:])]
