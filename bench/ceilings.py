@@ -63,22 +63,28 @@ PROBE_READ_BYTES = 256 * 2 ** 20
 
 def probe(repeats: int = 3, matmul_n: int = PROBE_MATMUL_N,
           read_bytes: int = PROBE_READ_BYTES) -> dict:
-    """The machine's speed right now, taken between two paired timed runs: the faster of
-    PyTorch's (oneMKL) and NumPy's (OpenBLAS) square matmul, and PyTorch's read
-    bandwidth, medians of ``repeats``. On a shared VM both drift by up to 2x within a
-    minute (bench/NOTES.md), so a fraction of the ceiling is taken against the probes
-    around the runs it divides."""
+    """The machine's speed right now, taken between two paired timed runs: PyTorch's
+    square matmul GFLOP/s and read bandwidth, medians of ``repeats``. On a shared VM
+    both drift by up to 2x within a minute (bench/NOTES.md), so a fraction of the
+    ceiling divides each run by the probes around it, scaled by how much faster than
+    PyTorch the best library was in the ceilings worker (:func:`scaled`). PyTorch only:
+    NumPy's OpenBLAS threads keep spinning after a call and halved the read figure."""
     import torch
 
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((matmul_n, matmul_n), dtype=np.float32)
-    ta = torch.from_numpy(a)
+    a = torch.from_numpy(np.random.default_rng(0).standard_normal((matmul_n, matmul_n),
+                                                                  dtype=np.float32))
     x = torch.ones(read_bytes // 4)
-    flops = 2.0 * matmul_n ** 3
-    matmul = max(flops / median_seconds(lambda: ta @ ta, repeats),
-                 flops / median_seconds(lambda: a @ a, repeats))
-    return {"matmul_gflops": matmul / 1e9,
+    return {"matmul_gflops": 2.0 * matmul_n ** 3 / median_seconds(lambda: a @ a, repeats) / 1e9,
             "read_gbps": read_bytes / median_seconds(lambda: x.sum(), repeats) / 1e9}
+
+
+def scaled(probe_result: dict, ceilings: dict) -> dict:
+    """A probe (PyTorch) lifted to the best library: x (best / PyTorch) of the ceilings."""
+    out = {}
+    for key in ("matmul_gflops", "read_gbps"):
+        torch_best = ceilings.get(f"{key}_by_library", {}).get("torch")
+        out[key] = probe_result[key] * (ceilings[key] / torch_best if torch_best else 1.0)
+    return out
 
 
 def combine(first: dict, last: dict) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import statistics
 
+from bench.ceilings import scaled
 from bench.presets import BenchPreset, decode_bytes_per_step, tokens_per_step
 
 # bench -> (min ratio to transformers, min fraction of ceiling or None)
@@ -34,13 +35,15 @@ def fraction_of_ceiling(p: BenchPreset, bench: str, seconds: float, ceilings: di
     return _rate(p, bench, seconds) / _ceiling(bench, ceilings)
 
 
-def _against_probes(p: BenchPreset, bench: str, side: dict, probes) -> float | None:
+def _against_probes(p: BenchPreset, bench: str, side: dict, probes,
+                    ceilings: dict) -> float | None:
     """Median over the timed runs of each run's rate over the machine's speed measured
-    around it (bench/paired.py); None without probes."""
+    around it (bench/paired.py, lifted to the best library); None without probes."""
     runs = side.get("seconds_all") or []
     if not probes or len(probes) != len(runs):
         return None
-    return statistics.median(fraction_of_ceiling(p, bench, s, c) for s, c in zip(runs, probes))
+    return statistics.median(fraction_of_ceiling(p, bench, s, scaled(c, ceilings))
+                             for s, c in zip(runs, probes))
 
 
 def bench_entry(p: BenchPreset, bench: str, ours: dict, theirs: dict, our_probes=None,
@@ -57,11 +60,12 @@ def bench_entry(p: BenchPreset, bench: str, ours: dict, theirs: dict, our_probes
         "transformers_tokens_per_s": n / theirs["seconds"],
         # paired runs: the median of the per-pair ratios (each pair ran back to back)
         "ratio": statistics.median(pairs) if pairs else theirs["seconds"] / ours["seconds"],
-        "fraction_of_ceiling": _against_probes(p, bench, ours, our_probes) or run_fraction,
+        "fraction_of_ceiling": _against_probes(p, bench, ours, our_probes, ceilings)
+        or run_fraction,
         "compiles_after_warmup": ours["compiles_after_warmup"],
         "ceiling_kind": "mfu" if bench in ("forward", "train") else "read_bandwidth",
         "transformers_fraction_of_ceiling": (
-            _against_probes(p, bench, theirs, their_probes)
+            _against_probes(p, bench, theirs, their_probes, ceilings)
             or fraction_of_ceiling(p, bench, theirs["seconds"], ceilings)),
         # against the best ceilings of the whole run (before/after workers), not the probes
         "fraction_of_run_ceiling": run_fraction,

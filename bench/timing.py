@@ -81,7 +81,8 @@ class OtherLoad:
         wall0, busy0, own0 = self._start
         wall = time.perf_counter() - wall0
         other = (self._busy() - busy0) - (sum(os.times()[:2]) - own0)
-        self.value = round(max(other, 0.0) / max(wall * len(self.cpus), 1e-9), 3)
+        # /proc/stat counts 10 ms ticks: a run of a few ms can read above 1, so clip
+        self.value = round(min(max(other, 0.0) / max(wall * len(self.cpus), 1e-9), 1.0), 3)
 
 
 class CompileCounter:

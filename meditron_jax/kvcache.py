@@ -6,7 +6,7 @@ buffer (in place under donation), and ``kv_heads`` sits where tensor parallelism
 shards it, matching the k/v projection weights.
 
 With unstacked layers (``model.unstack_layers``, the CPU decode layout) the cache
-holds a tuple of per-layer head-major ``[batch, kv_heads, max_len, head_dim]``
+holds a tuple of per-layer head-major ``[batch * kv_heads, max_len, head_dim]``
 buffers instead (``model.per_layer_cache``).
 """
 from __future__ import annotations
@@ -39,9 +39,10 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        # S is axis 2 both stacked [L,B,S,K,H] and per layer [B,K,S,H] (model.per_layer_cache)
-        k = self.k[0] if isinstance(self.k, (list, tuple)) else self.k
-        return k.shape[2]
+        # stacked [L,B,S,K,H]; per layer [B*K,S,H] (model.per_layer_cache)
+        if isinstance(self.k, (list, tuple)):
+            return self.k[0].shape[1]
+        return self.k.shape[2]
 
     @staticmethod
     def logical_axes() -> "KVCache":

@@ -43,6 +43,9 @@ class OutIn:
 
 # Rows from which an OutIn product runs as an ordinary GEMM (x @ t^T) again.
 OUT_IN_MAX_ROWS = 64
+# Query rows per kv head (G * T) from which cached attention's products go to oneMKL:
+# decoding's few rows stay on XLA's batched dot.
+ATTENTION_BLAS_ROWS = 64
 
 
 def dense(x: jax.Array, w, spec: str, preferred_element_type=None,
@@ -239,26 +242,33 @@ def _einsum_attention(q, k, v, mask):
 
 
 def attention_head_major(q: jax.Array, k: jax.Array, v: jax.Array,
-                         mask: jax.Array) -> jax.Array:
+                         mask: jax.Array, matmul_impl: str = "xla") -> jax.Array:
     """Grouped-query attention over head-major keys/values, softmax in float32.
 
-    q [B,T,N,H], k/v [B,K,S,H], mask [B,1,T,S] -> [B,T,N,H]. With (B, K) leading and
-    H minor, each head's keys are one contiguous [S, H] block that XLA:CPU's batched
-    dot reads in place; the [B,S,K,H] layout makes it transpose the whole cache first
-    (8x slower decode attention at batch 8, bench/NOTES.md).
+    q [B,T,N,H], k/v [B*K,S,H] (one batch dim: the per-layer decode cache), mask
+    [B,1,T,S] -> [B,T,N,H]. Each head's keys are one contiguous [S, H] block that
+    XLA:CPU's batched dot reads in place; the [B,S,K,H] layout makes it transpose the
+    whole cache first (8x slower decode attention at batch 8, bench/NOTES.md).
     """
     b, t, n, h = q.shape
-    kv_heads, s = k.shape[1], k.shape[2]
+    s = k.shape[1]
+    kv_heads = k.shape[0] // b
     g = n // kv_heads
     # Q = G*T query rows per kv head, so both products are plain batched matmuls
-    # ([B,K] batch, no transposed operand) that XLA:CPU hands to its fast kernel.
-    qh = q.reshape(b, t, kv_heads, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, h)
-    logits = jnp.einsum("BKQH,BKSH->BKQS", qh, k, preferred_element_type=jnp.float32)
+    # ([B*K] batch, no transposed operand) that XLA:CPU hands to its fast kernel.
+    qh = q.reshape(b, t, kv_heads, g, h).transpose(0, 2, 3, 1, 4).reshape(b * kv_heads, g * t, h)
+    if matmul_impl == "blas" and cpu_gemm.supports(qh, k) and g * t >= ATTENTION_BLAS_ROWS:
+        logits = cpu_gemm.matmul(qh, k, False, True)
+    else:
+        logits = jnp.einsum("BQH,BSH->BQS", qh, k, preferred_element_type=jnp.float32)
     logits = logits.reshape(b, kv_heads, g, t, s) / np.float32(math.sqrt(h))
     logits = jnp.where(mask[:, :, None, :, :], logits, jnp.finfo(jnp.float32).min * 0.7)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, kv_heads, g * t, s)
-    out = jnp.einsum("BKQS,BKSH->BKQH", probs, v).reshape(b, kv_heads, g, t, h)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b * kv_heads, g * t, s)
+    if matmul_impl == "blas" and cpu_gemm.supports(probs, v) and g * t >= ATTENTION_BLAS_ROWS:
+        out = cpu_gemm.matmul(probs, v)
+    else:
+        out = jnp.einsum("BQS,BSH->BQH", probs, v)
+    return out.reshape(b, kv_heads, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 def swiglu(x: jax.Array, gate, up, down, impl: str = "xla") -> jax.Array:

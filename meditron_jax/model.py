@@ -209,12 +209,13 @@ def forward(params: Params, tokens: jax.Array, cfg: LlamaConfig, *,
         q, k, v = (checkpoint_name(a, "qkv_proj") for a in (q, k, v))
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
-        if k_cache is not None and i is None:  # this layer's own [B,K,S,H] buffers
-            k_cache = jax.lax.dynamic_update_slice(
-                k_cache, k.swapaxes(1, 2).astype(k_cache.dtype), (0, 0, start, 0))
-            v_cache = jax.lax.dynamic_update_slice(
-                v_cache, v.swapaxes(1, 2).astype(v_cache.dtype), (0, 0, start, 0))
-            attn = attention_head_major(q, k_cache.astype(dtype), v_cache.astype(dtype), mask)
+        if k_cache is not None and i is None:  # this layer's own [B*K,S,H] buffers
+            def head_major(a):
+                return a.swapaxes(1, 2).reshape(b * kv_heads, t, head_dim).astype(k_cache.dtype)
+            k_cache = jax.lax.dynamic_update_slice(k_cache, head_major(k), (0, start, 0))
+            v_cache = jax.lax.dynamic_update_slice(v_cache, head_major(v), (0, start, 0))
+            attn = attention_head_major(q, k_cache.astype(dtype), v_cache.astype(dtype), mask,
+                                        mm)
         else:
             if k_cache is not None:
                 k_cache = jax.lax.dynamic_update_slice(
@@ -326,13 +327,19 @@ def decode_layout(params: Params, *, consume: bool = False) -> Params:
 
 
 def per_layer_cache(cache: KVCache) -> tuple[tuple, tuple]:
-    """The cache as one head-major [B, K, S, H] buffer per layer (the unstacked
-    layers' layout): a stacked [L, B, S, K, H] cache is split and transposed once
-    (in prefill, where it is still empty), and the decode loop then carries the
-    per-layer buffers, which each layer updates and reads in place."""
+    """The cache as one head-major [B*K, S, H] buffer per layer (the unstacked layers'
+    layout): a stacked [L, B, S, K, H] cache is split and transposed once (in prefill,
+    where it is still empty), and the decode loop then carries the per-layer buffers,
+    which each layer updates and reads in place. One batch dim (B*K, not B and K)
+    because XLA:CPU reshapes a two-batch-dim dot's operands, and a reshape between the
+    cache update and the attention made it compute the update twice, copying every
+    buffer three times per step (bench/NOTES.md)."""
     if isinstance(cache.k, (list, tuple)):
         return tuple(cache.k), tuple(cache.v)
-    split = lambda c: tuple(c[i].swapaxes(1, 2) for i in range(c.shape[0]))  # noqa: E731
+
+    def split(c):
+        _, b, s, k, h = c.shape
+        return tuple(c[i].swapaxes(1, 2).reshape(b * k, s, h) for i in range(c.shape[0]))
     return split(cache.k), split(cache.v)
 
 
