@@ -29,9 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated model sizes: {', '.join(PRESETS)}")
     parser.add_argument("--benches", default=",".join(BENCHMARKS),
                         help="comma-separated benchmarks to run")
-    parser.add_argument("--repeats", type=int, default=5,
-                        help="timed repeats per benchmark (the median is reported; "
-                             "warm-up runs are extra)")
+    parser.add_argument("--repeats", type=int, default=7,
+                        help="timed pairs per benchmark (one run of each side back to "
+                             "back; medians are reported, warm-up runs are extra)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="CPU threads for both sides (each worker is pinned to this many CPUs)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shared random weights")

@@ -15,6 +15,10 @@ import sys
 
 from meditron_jax.errors import UserError
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in every option's help, and the environment epilog kept as written."""
+
+
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("meditron_jax.convert_cli", "convert a Hugging Face snapshot to a native checkpoint"),
@@ -29,15 +33,23 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+ENVIRONMENT = """environment:
+  MEDITRON_MATMUL=auto|xla|blas   float32 matmuls on one CPU device: oneMKL through an XLA
+                                  custom call when it loads (auto), never (xla), or
+                                  required (blas); meshes and accelerators always use XLA
+  MEDITRON_DISTRIBUTED=0|1        start jax.distributed: never, or let JAX detect the cluster
+  MEDITRON_CACHE_DIR=DIR          where the CPU kernels are compiled (~/.cache/meditron-jax)"""
+
+
 def build_parser(load_all: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="meditron-jax",
         description="Llama-3.1 / Meditron3-8B in JAX: convert, train, generate, score, evaluate, plan.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog=ENVIRONMENT, formatter_class=_Formatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=ENVIRONMENT,
+                           formatter_class=_Formatter)
         if load_all:
             try:
                 importlib.import_module(module).add_arguments(p)
@@ -67,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     # Load just the chosen subcommand's options.
     module = importlib.import_module(COMMANDS[first][0])
     sub_parser = argparse.ArgumentParser(
-        prog=f"meditron-jax {first}", description=COMMANDS[first][1],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        prog=f"meditron-jax {first}", description=COMMANDS[first][1], epilog=ENVIRONMENT,
+        formatter_class=_Formatter)
     module.add_arguments(sub_parser)
     rest = argv[argv.index(first) + 1:]
     args = sub_parser.parse_args(rest)

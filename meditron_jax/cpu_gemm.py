@@ -40,6 +40,7 @@ import numpy as np
 from meditron_jax.errors import UserError
 
 TARGET = "meditron_cpu_gemm"
+ATTENTION_TARGET = "meditron_cpu_causal_attention"
 IMPLS = ("auto", "xla", "blas")
 ENV = "MEDITRON_MATMUL"
 # Below this many FLOPs per tile a GEMM is not split across threads (the wake-up of a
@@ -85,6 +86,18 @@ def _compiler() -> str | None:
     return cxx if cxx else next((c for c in ("c++", "g++", "clang++") if shutil.which(c)), None)
 
 
+def _cpu_signature() -> str:
+    """The CPU model and feature flags (a cached build made with -march=native must not
+    be reused on another CPU, e.g. under a shared home directory)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        import platform
+        return platform.processor() + platform.machine()
+
+
 def _build() -> str:
     """The handler's shared library, compiled once per (source, jaxlib, compiler) and
     cached; the compiler writes aside and the result is renamed into place."""
@@ -94,7 +107,8 @@ def _build() -> str:
         raise RuntimeError("no C++ compiler found (set CXX)")
     with open(_SOURCE, "rb") as f:
         source = f.read()
-    key = hashlib.sha256(source + jaxlib.__version__.encode() + cxx.encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + jaxlib.__version__.encode() + cxx.encode()
+                         + _cpu_signature().encode()).hexdigest()[:16]
     out_dir = _cache_dir()
     lib = os.path.join(out_dir, f"cpu_gemm-{key}.so")
     if os.path.exists(lib):
@@ -102,8 +116,9 @@ def _build() -> str:
     os.makedirs(out_dir, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".cpu_gemm-", suffix=".so")
     os.close(fd)
-    cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}",
-           _SOURCE, "-o", tmp]
+    # -march=native: compiled where it runs (the cache key holds the CPU's flags)
+    cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
+           f"-I{jax.ffi.include_dir()}", _SOURCE, "-o", tmp]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
@@ -129,6 +144,9 @@ def _load() -> None:
     handler.meditron_cpu_gemm_set_sgemm.argtypes = [ctypes.c_void_p]
     handler.meditron_cpu_gemm_set_sgemm(ctypes.cast(mkl.cblas_sgemm_64, ctypes.c_void_p))
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler.MeditronCpuGemm),
+                                platform="cpu")
+    jax.ffi.register_ffi_target(ATTENTION_TARGET,
+                                jax.ffi.pycapsule(handler.MeditronCpuCausalAttention),
                                 platform="cpu")
     version = "?"
     try:
@@ -254,6 +272,20 @@ def _matmul_bwd(trans_a, trans_b, res, g):
 
 
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
+                     scale: float) -> jax.Array:
+    """Cache-free causal attention in one custom call (``csrc/cpu_gemm.cc``): q
+    [B,T,N,H], k/v [B,T,K,H] float32, segment_ids [B,T]; key slot s is visible from
+    query slot t when s <= t and their segments match. A flash-style loop over key
+    blocks with an online softmax, no [T, T] buffer. Forward only: differentiate
+    :func:`meditron_jax.layers.causal_attention`, which wraps it."""
+    if not available():
+        raise UserError(f"matmul implementation 'blas' is unavailable: {status()[1]}")
+    return jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                            vmap_method="sequential")(
+        q, k, v, segment_ids.astype(jnp.int32), scale=np.float32(scale))
 
 
 def supports(*arrays) -> bool:

@@ -168,21 +168,51 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
                      impl: str | None = None, chunks: int = 4,
-                     matmul_impl: str = "xla") -> jax.Array:
+                     matmul_impl: str = "xla", segment_ids: jax.Array | None = None
+                     ) -> jax.Array:
     """:func:`attention` over a whole sequence without a cache (query slot i is key
     slot i): query chunk c needs only the keys up to its own end, so the blocks above
     the causal diagonal are never computed (for 4 chunks, 5/8 of the full products).
-    Every query still sees itself, so no row's softmax changes."""
+    Every query still sees itself, so no row's softmax changes.
+
+    With ``matmul_impl="blas"`` and the ``segment_ids`` the mask was made from, float32
+    attention that is not differentiated runs as one oneMKL flash-style custom call
+    (:func:`meditron_jax.cpu_gemm.causal_attention`); its gradient is the chunked
+    computation's."""
     t = q.shape[1]
     if chunks <= 1 or t % chunks or k.shape[1] != t:
         return attention(q, k, v, mask, impl)
     if impl is None and jax.default_backend() != "gpu":  # GPU: let JAX pick (cuDNN)
+        if (matmul_impl == "blas" and segment_ids is not None
+                and cpu_gemm.supports(q, k, v)):
+            return _flash_cpu(q, k, v, segment_ids, chunks)
         return _causal_head_major(q, k, v, mask, chunks, matmul_impl)
     size = t // chunks
     out = [attention(q[:, c * size:(c + 1) * size], k[:, :(c + 1) * size],
                      v[:, :(c + 1) * size], mask[:, :, c * size:(c + 1) * size, :(c + 1) * size],
                      impl) for c in range(chunks)]
     return jnp.concatenate(out, axis=1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _flash_cpu(q, k, v, segment_ids, chunks: int):
+    return cpu_gemm.causal_attention(q, k, v, segment_ids, 1.0 / math.sqrt(q.shape[-1]))
+
+
+def _flash_cpu_fwd(q, k, v, segment_ids, chunks: int):
+    # Differentiated: the chunked products (whose backward is XLA's autodiff of them).
+    slots = jnp.broadcast_to(jnp.arange(q.shape[1], dtype=jnp.int32), segment_ids.shape)
+    mask = attention_mask(segment_ids, slots, segment_ids)
+    out, vjp = jax.vjp(lambda q, k, v: _causal_head_major(q, k, v, mask, chunks, "blas"),
+                       q, k, v)
+    return out, vjp
+
+
+def _flash_cpu_bwd(chunks: int, vjp, g):
+    return (*vjp(g), None)
+
+
+_flash_cpu.defvjp(_flash_cpu_fwd, _flash_cpu_bwd)
 
 
 def _causal_head_major(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,

@@ -29,8 +29,10 @@ from meditron_jax.lora import merge_layer
 Params = dict
 Constrain = Callable[[jax.Array, tuple], jax.Array]
 
-# Query chunks of the cache-free causal attention (layers.causal_attention).
+# Query chunks of the cache-free causal attention (layers.causal_attention); with
+# oneMKL's batched products 8 measured faster (forward+backward 112 -> 96 ms per layer).
 CAUSAL_CHUNKS = 4
+CAUSAL_CHUNKS_BLAS = 8
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv_proj")
 
 
@@ -225,7 +227,9 @@ def forward(params: Params, tokens: jax.Array, cfg: LlamaConfig, *,
                 k = jax.lax.dynamic_index_in_dim(k_cache, i, 0, keepdims=False).astype(dtype)
                 v = jax.lax.dynamic_index_in_dim(v_cache, i, 0, keepdims=False).astype(dtype)
             attn = (attention(q, k, v, mask, attention_impl) if k_cache is not None
-                    else causal_attention(q, k, v, mask, attention_impl, CAUSAL_CHUNKS, mm))
+                    else causal_attention(q, k, v, mask, attention_impl,
+                                          CAUSAL_CHUNKS_BLAS if mm == "blas" else CAUSAL_CHUNKS,
+                                          mm, segment_ids))
         # One contraction over E = N*H: with (N, H) as two contracting dims XLA:CPU
         # may transpose the o weight (not the small activation) at every decode step.
         o = w["o"] if isinstance(w["o"], OutIn) else w["o"].reshape(-1, w["o"].shape[-1])

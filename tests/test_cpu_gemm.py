@@ -147,6 +147,37 @@ def test_training_gradients_and_step_equal_the_xla_path(tied):
         np.testing.assert_allclose(float(got[key]), float(want[key]), rtol=1e-5)
 
 
+@needs_mkl
+def test_flash_attention_equals_full_attention_and_differentiates_like_it():
+    """The one-call causal attention (key blocks smaller than the sequence, several
+    query blocks per row, packed segments, left padding, grouped heads) equals the
+    full masked softmax; its gradient (the chunked oneMKL products) equals XLA's."""
+    from meditron_jax.layers import attention, attention_mask, causal_attention
+
+    b, t, n, kv, h = 3, 320, 6, 2, 16
+    keys = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(keys[0], (b, t, n, h))
+    k, v = (jax.random.normal(kk, (b, t, kv, h)) for kk in keys[1:3])
+    probe = jax.random.normal(keys[3], q.shape)
+    seg = jnp.asarray(np.array([[1] * t, [1] * 70 + [2] * 130 + [3] * 120,
+                                [0] * 45 + [1] * (t - 45)]), jnp.int32)
+    slots = jnp.broadcast_to(jnp.arange(t), (b, t))
+    mask = attention_mask(seg, slots, seg)
+    flash = jax.jit(lambda q, k, v: causal_attention(q, k, v, mask, None, 8, "blas", seg))
+    assert cpu_gemm.ATTENTION_TARGET in flash.lower(q, k, v).as_text()
+    want = np.asarray(attention(q, k, v, mask))
+    np.testing.assert_allclose(np.asarray(flash(q, k, v)), want, rtol=0, atol=2e-6 * np.abs(want).max())
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v) * probe)
+    got = jax.grad(loss(lambda q, k, v: causal_attention(q, k, v, mask, None, 8, "blas", seg)),
+                   argnums=(0, 1, 2))(q, k, v)
+    ref = jax.grad(loss(lambda q, k, v: attention(q, k, v, mask)), argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(got, ref):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0,
+                                   atol=1e-5 * np.abs(np.asarray(w)).max())
+
+
 def test_resolve_choices_and_bad_values(monkeypatch):
     monkeypatch.delenv(cpu_gemm.ENV, raising=False)
     assert cpu_gemm.resolve() == "xla"            # 8 devices here: never the custom call

@@ -106,6 +106,7 @@ def test_help_shows_defaults(capsys):
                  "--mesh SPEC", "--batch-size B", "--out FILE.jsonl", "--truncate-prompt"]:
         assert flag in text, flag
     assert "(default: 128)" in text and "(default: 8)" in text
+    assert "MEDITRON_MATMUL=auto|xla|blas" in text  # the environment epilog
 
 
 BAD_LINES = [
@@ -150,6 +151,13 @@ def test_bad_flags(text_model, capsys, extra, message):
     assert cli.main(["generate", "--model", text_model, "--prompt", "w4 w5"] + extra) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_a_bad_matmul_setting_is_one_line(text_model, monkeypatch, capsys):
+    monkeypatch.setenv("MEDITRON_MATMUL", "fast")
+    assert cli.main(["generate", "--model", text_model, "--prompt", "w4 w5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "MEDITRON_MATMUL 'fast': choose one of auto, xla, blas" in err[0], err
 
 
 def test_text_needs_a_tokenizer(tiny_hf_dir, tmp_path, capsys):

@@ -32,6 +32,8 @@ def test_yaml_and_overrides(tmp_path):
     assert cfg.optim.lr == 3e-4  # YAML 1.1 reads 3e-4 as a string; still a float here
     assert cfg.data.train_files == ("a.txt", "b.txt") and cfg.lora.targets == ("q",)
     assert cfg.optim.clip_norm is None
+    assert cfg.model.scan_layers is None  # automatic: unrolled only on one CPU device
+    assert load(path, ["model.scan_layers=false"]).model.scan_layers is False
     assert RunConfig().to_dict()["train"]["batch_size"] == 8  # constructible from Python too
 
 
@@ -40,6 +42,7 @@ def test_yaml_and_overrides(tmp_path):
     ("train:\n  step: 3\n", [], r"unknown key train\.'step'; known keys in train: steps"),
     ("", ["optim.learning_rate=1"], r"unknown key optim\.'learning_rate'"),
     ("train:\n  steps: three\n", [], r"train\.steps must be an integer, got 'three'"),
+    ("model:\n  scan_layers: sometimes\n", [], r"model\.scan_layers must be true or false"),
     ("train: 5\n", [], r"train must be a mapping"),
     ("data:\n  kind: rl\n", [], r"data\.kind must be one of pretrain, sft, got 'rl'"),
     ("train:\n  batch_size: 6\n  grad_accum: 4\n", [], r"multiple of train\.grad_accum"),

@@ -95,7 +95,8 @@ def run_training(run: RunConfig) -> dict:
     opts = StepOptions(grad_accum=run.train.grad_accum,
                        compute_dtype=setup.DTYPES[run.model.compute_dtype],
                        remat=run.model.remat, attention_impl=run.model.attention_impl,
-                       loss_chunk=run.model.loss_chunk, lora=lcfg)
+                       loss_chunk=run.model.loss_chunk, lora=lcfg,
+                       scan_layers=run.model.scan_layers)
     abstract = abstract_state(cfg, optimizer, param_dtype, lcfg)
     shardings = state_shardings(cfg, abstract, mesh, rules, lcfg)
     constrain = activation_constrainer(mesh, rules)

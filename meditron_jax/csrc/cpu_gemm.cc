@@ -10,7 +10,11 @@
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
 #include <memory>
 #include <mutex>
 #include <utility>
@@ -45,6 +49,32 @@ struct Job {
   std::mutex mu;
   std::condition_variable cv;
 };
+
+// Runs fn(0..tasks-1) on the calling thread and up to (pool threads - 1) helpers.
+template <typename F>
+void ParallelFor(ffi::ThreadPool& pool, int64_t tasks, const F& fn) {
+  const int64_t helpers = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), tasks) - 1;
+  if (helpers <= 0) {
+    for (int64_t i = 0; i < tasks; ++i) fn(i);
+    return;
+  }
+  auto job = std::make_shared<Job>();
+  job->tiles = tasks;
+  auto work = [job, fn]() {
+    for (int64_t i; (i = job->next.fetch_add(1)) < job->tiles;) {
+      fn(i);
+      std::lock_guard<std::mutex> lock(job->mu);
+      if (++job->done == job->tiles) job->cv.notify_all();
+    }
+  };
+  for (int64_t t = 0; t < helpers; ++t) {
+    auto task = work;
+    pool.Schedule(std::move(task));
+  }
+  work();
+  std::unique_lock<std::mutex> lock(job->mu);
+  job->cv.wait(lock, [&] { return job->done == job->tiles; });
+}
 
 }  // namespace
 
@@ -110,29 +140,7 @@ static ffi::Error CpuGemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Bu
       Gemm(trans_a, trans_b, m, hi - lo, k, ae, lda, bt, ldb, ce + lo, n);
     }
   };
-  const int64_t tiles = batch * cuts;
-  const int64_t helpers = std::min(threads, tiles) - 1;
-  if (helpers == 0) {
-    for (int64_t i = 0; i < tiles; ++i) tile(i);
-    return ffi::Error::Success();
-  }
-
-  auto job = std::make_shared<Job>();
-  job->tiles = tiles;
-  auto work = [job, tile]() {
-    for (int64_t i; (i = job->next.fetch_add(1)) < job->tiles;) {
-      tile(i);
-      std::lock_guard<std::mutex> lock(job->mu);
-      if (++job->done == job->tiles) job->cv.notify_all();
-    }
-  };
-  for (int64_t t = 0; t < helpers; ++t) {
-    auto task = work;
-    pool.Schedule(std::move(task));
-  }
-  work();
-  std::unique_lock<std::mutex> lock(job->mu);
-  job->cv.wait(lock, [&] { return job->done == job->tiles; });
+  ParallelFor(pool, batch * cuts, tile);
   return ffi::Error::Success();
 }
 
@@ -145,3 +153,137 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MeditronCpuGemm, CpuGemm,
                                   .Attr<bool>("trans_a")
                                   .Attr<bool>("trans_b")
                                   .Attr<int64_t>("min_tile_flops"));
+
+// ---- causal attention without a cache (forward only) -------------------------------------
+//
+// o = softmax(mask(q k^T * scale)) v for q [B,T,N,H], k/v [B,T,K,H] (grouped heads:
+// query head n reads kv head n / (N/K)), mask: key slot s <= query slot t and the same
+// segment id. One task per (row, kv head, block of query slots): the G query heads of a
+// block are packed into one [Tq*G, H] matrix, key blocks at or below the diagonal are
+// visited with an online softmax, both products are oneMKL GEMMs reading k and v in
+// place (leading dimension K*H). Nothing of size [T, T] is ever formed.
+
+namespace {
+
+constexpr int64_t kQueryBlock = 64;
+constexpr int64_t kKeyBlock = 128;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// exp(x) for x <= 0 (Cephes' expf polynomial, ~1 ulp), written to vectorize.
+inline float ExpNonPositive(float x) {
+  x = std::max(x, -87.0f);
+  const float fx = std::floor(x * 1.44269504088896341f + 0.5f);
+  x = x - fx * 0.693359375f + fx * 2.12194440e-4f;
+  const float z = x * x;
+  float y = 1.9875691500e-4f;
+  y = y * x + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * z + x + 1.0f;
+  int32_t bits = (static_cast<int32_t>(fx) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
+}
+
+}  // namespace
+
+static ffi::Error CpuCausalAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                                     ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                                     ffi::Buffer<ffi::S32> segments,
+                                     ffi::ResultBuffer<ffi::F32> out, float scale) {
+  if (g_sgemm == nullptr) return ffi::Error::Internal("meditron cpu_gemm: no BLAS was set");
+  auto qd = q.dimensions();
+  auto kd = k.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || v.dimensions().size() != 4 || kd[0] != qd[0] ||
+      kd[1] != qd[1] || kd[3] != qd[3] || kd[2] == 0 || qd[2] % kd[2] != 0)
+    return ffi::Error::InvalidArgument("meditron causal attention: q [B,T,N,H], k/v [B,T,K,H]");
+  const int64_t batch = qd[0], t_len = qd[1], n_heads = qd[2], h = qd[3], kv_heads = kd[2];
+  const int64_t g = n_heads / kv_heads;
+  const float* qp = q.typed_data();
+  const float* kp = k.typed_data();
+  const float* vp = v.typed_data();
+  const int32_t* seg = segments.typed_data();
+  float* op = out->typed_data();
+  const int64_t q_blocks = (t_len + kQueryBlock - 1) / kQueryBlock;
+  const int64_t ld_kv = kv_heads * h;
+
+  auto task = [=](int64_t i) {
+    // the largest (last) query blocks first: they see the most keys
+    const int64_t qb = q_blocks - 1 - i % q_blocks;
+    const int64_t head = (i / q_blocks) % kv_heads, row = i / (q_blocks * kv_heads);
+    const int64_t t0 = qb * kQueryBlock, tq = std::min(kQueryBlock, t_len - t0);
+    const int64_t rows = tq * g;
+    std::vector<float> qs(rows * h), s(rows * kKeyBlock), acc(rows * h, 0.0f);
+    std::vector<float> m(rows, kNegInf), l(rows, 0.0f);
+    for (int64_t t = 0; t < tq; ++t)
+      for (int64_t j = 0; j < g; ++j) {
+        const float* src = qp + ((row * t_len + t0 + t) * n_heads + head * g + j) * h;
+        float* dst = qs.data() + (t * g + j) * h;
+        for (int64_t x = 0; x < h; ++x) dst[x] = src[x] * scale;
+      }
+    const int32_t* srow = seg + row * t_len;
+    const int64_t t_last = t0 + tq - 1;
+    for (int64_t s0 = 0; s0 <= t_last; s0 += kKeyBlock) {
+      const int64_t sk = std::min(kKeyBlock, t_last + 1 - s0);
+      const float* kb = kp + (row * t_len + s0) * ld_kv + head * h;
+      const float* vb = vp + (row * t_len + s0) * ld_kv + head * h;
+      Gemm(false, true, rows, sk, h, qs.data(), h, kb, ld_kv, s.data(), sk);
+      // one segment across this key block (no packing): only causality masks it
+      const int32_t block_seg = srow[s0];
+      bool one_segment = true;
+      for (int64_t c = 1; c < sk; ++c) one_segment &= srow[s0 + c] == block_seg;
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t t = t0 + r / g;
+        float* sr = s.data() + r * sk;
+        const int64_t visible = std::min(sk, t - s0 + 1);  // causal: keys s0 .. t
+        if (!(one_segment && block_seg == srow[t])) {
+          for (int64_t c = 0; c < visible; ++c)
+            if (srow[s0 + c] != srow[t]) sr[c] = kNegInf;
+        }
+        float mx = m[r];
+        for (int64_t c = 0; c < visible; ++c) mx = std::max(mx, sr[c]);
+        if (mx == kNegInf) {  // nothing visible yet
+          std::fill(sr, sr + sk, 0.0f);
+          continue;
+        }
+        const float alpha = ExpNonPositive(m[r] - mx);  // m = -inf: clamped, ~0
+        float sum = 0.0f;
+        for (int64_t c = 0; c < visible; ++c) {  // masked entries are -inf: exp -> 0
+          const float p = sr[c] == kNegInf ? 0.0f : ExpNonPositive(sr[c] - mx);
+          sr[c] = p;
+          sum += p;
+        }
+        std::fill(sr + visible, sr + sk, 0.0f);
+        l[r] = l[r] * alpha + sum;
+        m[r] = mx;
+        float* ar = acc.data() + r * h;
+        for (int64_t x = 0; x < h; ++x) ar[x] *= alpha;
+      }
+      g_sgemm(kRowMajor, kNoTrans, kNoTrans, rows, h, sk, 1.0f, s.data(), sk, vb, ld_kv, 1.0f,
+              acc.data(), h);
+    }
+    for (int64_t t = 0; t < tq; ++t)
+      for (int64_t j = 0; j < g; ++j) {
+        const int64_t r = t * g + j;
+        const float inv = 1.0f / l[r];
+        float* dst = op + ((row * t_len + t0 + t) * n_heads + head * g + j) * h;
+        const float* src = acc.data() + r * h;
+        for (int64_t x = 0; x < h; ++x) dst[x] = src[x] * inv;
+      }
+  };
+  ParallelFor(pool, batch * kv_heads * q_blocks, task);
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MeditronCpuCausalAttention, CpuCausalAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));
