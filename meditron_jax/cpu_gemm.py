@@ -1,21 +1,25 @@
-"""Float32 matmuls on one CPU device through oneMKL, as an XLA FFI custom call.
+"""Float32 matmuls (and cache-free attention) on one CPU device through oneMKL, as XLA
+FFI custom calls.
 
 XLA:CPU's own GEMM kernels (YNNPACK, Eigen) ran the model's matmuls 1.3-1.7x slower
 than oneMKL on the benchmark's Intel box (bench/NOTES.md); PyTorch uses oneMKL, so on
 such a machine a JAX model on XLA's kernels cannot match transformers whatever the
 rest of the program does. Where oneMKL is installed (``pip install 'meditron-jax[cpu]'``,
-part of ``requirements.txt`` on x86-64), :func:`matmul` hands a 2-D float32 product to
-it: a 140-line C++ handler (``csrc/cpu_gemm.cc``), compiled here once per jaxlib
-version with the system's C++ compiler, splits the output into tiles over XLA's own
-intra-op thread pool and runs single-threaded ``cblas_sgemm`` on each, so no second
-thread pool fights XLA's for the cores. Transposed operands are BLAS flags, never
-copies, which is what the backward pass needs (``dx = g w^T``, ``dw = x^T g``).
+part of ``requirements.txt`` on x86-64), :func:`matmul` hands a float32 product (or a
+batch of them) to it: a C++ handler (``csrc/cpu_gemm.cc``), compiled here once per
+(source, jaxlib, compiler, CPU) with the system's C++ compiler and cached, splits the
+output into tiles over XLA's own intra-op thread pool and runs single-threaded
+``cblas_sgemm`` on each, so no second thread pool fights XLA's for the cores.
+Transposed operands are BLAS flags, never copies, which is what the backward pass
+needs (``dx = g w^T``, ``dw = x^T g``). :func:`causal_attention` is a second handler in
+the same library: flash-style attention for undifferentiated forwards.
 
 A custom call is opaque to GSPMD, so this path is for programs on **one CPU device**
 only: :func:`resolve` turns the ``matmul_impl`` knob (``None``/"auto", "xla", "blas";
 environment ``MEDITRON_MATMUL``) into "blas" only when the process has exactly one
 device, it is a CPU and oneMKL loaded. Meshes, TPUs, GPUs, bfloat16 and the
-ahead-of-time planner (:func:`forced`) always use XLA's dot.
+ahead-of-time planner (:func:`forced`) always use XLA's dot. Without a compiler or
+oneMKL, "auto" quietly stays on XLA and :func:`status` says why.
 """
 from __future__ import annotations
 
@@ -99,8 +103,8 @@ def _cpu_signature() -> str:
 
 
 def _build() -> str:
-    """The handler's shared library, compiled once per (source, jaxlib, compiler) and
-    cached; the compiler writes aside and the result is renamed into place."""
+    """The handlers' shared library, compiled once per (source, jaxlib, compiler, CPU)
+    and cached; the compiler writes aside and the result is renamed into place."""
     import jaxlib
     cxx = _compiler()
     if cxx is None:
@@ -228,7 +232,7 @@ def scan_layers(requested: bool | None = None) -> bool:
     """Whether the decoder runs its layers as one ``lax.scan`` (None: yes, except on one
     CPU device, where XLA:CPU copies every scanned weight slice and zero-fills, writes
     and re-reads stacked buffers for the saved activations: the unrolled small training
-    step measured 7.0 s against 9.8 s scanned, bench/NOTES.md). Inside
+    step measured 9.45 s against 10.15 s scanned, bench/NOTES.md). Inside
     ``forced("xla")`` always scanned (the planner's programs are for other devices)."""
     if getattr(_forced, "impl", None) == "xla":
         return True

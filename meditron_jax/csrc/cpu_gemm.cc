@@ -1,8 +1,9 @@
 // Float32 GEMM for XLA:CPU through the XLA FFI, computed by a host BLAS (oneMKL).
 //
-// meditron_jax/cpu_gemm.py compiles this file once per jaxlib version, hands it the
-// BLAS's cblas_sgemm (ILP64) and registers the handler as the custom call target
-// "meditron_cpu_gemm". oneMKL runs its sequential layer: the handler cuts C (or a batch
+// meditron_jax/cpu_gemm.py compiles this file once per (jaxlib, compiler, CPU), hands
+// it the BLAS's cblas_sgemm (ILP64) and registers two custom call targets:
+// "meditron_cpu_gemm" (below) and "meditron_cpu_causal_attention" (at the end).
+// oneMKL runs its sequential layer: the handler cuts C (or a batch
 // of products: attention's heads) into tiles computed on XLA's own intra-op thread
 // pool, so no second thread pool competes with XLA's for the cores. (oneMKL's GNU
 // OpenMP layer, one threaded call per product, measured the same in the model's
