@@ -3,7 +3,7 @@ paths users run (``model.forward`` under jit, ``infer``'s Generator, ``train``'s
 
 Each benchmark warms up (compiling), then marks the compile counter, so any
 recompilation during the timed runs shows up in ``compiles_after_warmup``. On one CPU
-device the float32 matmuls go to oneMKL when it is installed
+Intel CPU device the float32 matmuls go to oneMKL when it is installed
 (:mod:`meditron_jax.cpu_gemm`); ``matmul`` in the results says which ran.
 """
 from __future__ import annotations
@@ -145,7 +145,7 @@ class Side:
         self.counter = CompileCounter()
         self.model = load_model(weights_dir)
         self.decoding = None
-        impl = cpu_gemm.resolve()  # one CPU device: oneMKL's GEMMs when it is installed
+        impl = cpu_gemm.resolve()  # one Intel CPU device: oneMKL's GEMMs when installed
         self.matmul = f"blas ({cpu_gemm.status()[0]})" if impl == "blas" else "xla"
 
     def bench(self, name: str) -> Bench:

@@ -9,18 +9,13 @@ import os
 import platform
 from importlib import metadata
 
+from meditron_jax import hostinfo
+
 _LIBS = ("jax", "jaxlib", "torch", "transformers", "numpy", "mkl")
 
 
 def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    return hostinfo.cpuinfo_field("model name") or platform.processor() or "unknown"
 
 
 def _mem_total_gb() -> float | None:
@@ -51,7 +46,8 @@ def _version(lib: str) -> str | None:
 
 
 def describe(threads: int) -> dict:
-    return {"cpu": _cpu_model(), "logical_cpus": os.cpu_count(), "threads": threads,
+    return {"cpu": _cpu_model(), "cpu_vendor": hostinfo.cpuinfo_field("vendor_id"),
+            "logical_cpus": os.cpu_count(), "threads": threads,
             "memory_gb": _mem_total_gb(), "platform": platform.platform(),
             "python": platform.python_version(),
             "versions": {lib: _version(lib) for lib in _LIBS},

@@ -35,8 +35,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 ENVIRONMENT = """environment:
   MEDITRON_MATMUL=auto|xla|blas   float32 matmuls on one CPU device: oneMKL through an XLA
-                                  custom call when it loads (auto), never (xla), or
-                                  required (blas); meshes and accelerators always use XLA
+                                  custom call on Intel CPUs when it loads (auto), never
+                                  (xla), or required on any CPU (blas); meshes and
+                                  accelerators always use XLA
   MEDITRON_DISTRIBUTED=0|1        start jax.distributed: never, or let JAX detect the cluster
   MEDITRON_CACHE_DIR=DIR          where the CPU kernels are compiled (~/.cache/meditron-jax)"""
 

@@ -17,7 +17,8 @@ the same library: flash-style attention for undifferentiated forwards.
 A custom call is opaque to GSPMD, so this path is for programs on **one CPU device**
 only: :func:`resolve` turns the ``matmul_impl`` knob (``None``/"auto", "xla", "blas";
 environment ``MEDITRON_MATMUL``) into "blas" only when the process has exactly one
-device, it is a CPU and oneMKL loaded. Meshes, TPUs, GPUs, bfloat16 and the
+device, it is a CPU, oneMKL loaded and the CPU is an Intel one (oneMKL dispatches by
+vendor: on AMD Zen 4 XLA's own GEMMs were faster; "blas" still forces it). Meshes, TPUs, GPUs, bfloat16 and the
 ahead-of-time planner (:func:`forced`) always use XLA's dot. Without a compiler or
 oneMKL, "auto" quietly stays on XLA and :func:`status` says why.
 """
@@ -41,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from meditron_jax import hostinfo
 from meditron_jax.errors import UserError
 
 TARGET = "meditron_cpu_gemm"
@@ -50,6 +52,11 @@ ENV = "MEDITRON_MATMUL"
 # Below this many FLOPs per tile a GEMM is not split across threads (the wake-up of a
 # pool thread costs more than it saves).
 MIN_TILE_FLOPS = 1 << 21
+# CPU vendors on which "auto" hands products to oneMKL. oneMKL dispatches its kernels by
+# vendor: on Intel (Ice Lake) its GEMMs ran the model's shapes 1.3-1.7x faster than
+# XLA's, on AMD Zen 4 they ran 0.5-1.1x of XLA's (bench/NOTES.md s.20), so elsewhere
+# "auto" stays on XLA and only an explicit "blas" uses it.
+AUTO_BLAS_VENDORS = ("GenuineIntel",)
 _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "cpu_gemm.cc")
 _MKL_SEQUENTIAL = 1  # MKL_THREADING_SEQUENTIAL: one thread per call; we tile ourselves
 
@@ -93,13 +100,16 @@ def _compiler() -> str | None:
 def _cpu_signature() -> str:
     """The CPU model and feature flags (a cached build made with -march=native must not
     be reused on another CPU, e.g. under a shared home directory)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            lines = [ln for ln in f if ln.startswith(("model name", "flags"))]
-        return "".join(sorted(set(lines)))
-    except OSError:
-        import platform
-        return platform.processor() + platform.machine()
+    found = [hostinfo.cpuinfo_field(name) for name in ("model name", "flags")]
+    if any(found):
+        return "\n".join(found)
+    import platform
+    return platform.processor() + platform.machine()
+
+
+def cpu_vendor() -> str:
+    """/proc/cpuinfo's ``vendor_id`` ("GenuineIntel", "AuthenticAMD", ...), "" if unknown."""
+    return hostinfo.cpuinfo_field("vendor_id")
 
 
 def _build() -> str:
@@ -203,8 +213,8 @@ def check_impl(impl: str | None, what: str = "matmul_impl") -> str:
 def resolve(impl: str | None = None) -> str:
     """"xla" or "blas" for a matmul traced now. ``None``/"auto" defers to the
     environment's ``MEDITRON_MATMUL`` (default "auto"), and "auto" picks "blas" only in a
-    one-CPU-device process where oneMKL loaded; an explicit "blas" that cannot load is
-    an error naming why."""
+    one-CPU-device process on an Intel CPU (:data:`AUTO_BLAS_VENDORS`) where oneMKL
+    loaded; an explicit "blas" that cannot load is an error naming why."""
     forced_impl = getattr(_forced, "impl", None)
     if forced_impl is not None:
         impl = forced_impl
@@ -215,11 +225,17 @@ def resolve(impl: str | None = None) -> str:
     if impl == "xla":
         return "xla"
     if impl == "auto":
-        return "blas" if one_cpu_device() and available() else "xla"
+        return "blas" if auto_prefers_blas() and available() else "xla"
     provider, error = status()
     if provider is None:
         raise UserError(f"matmul implementation 'blas' is unavailable: {error}")
     return "blas"
+
+
+def auto_prefers_blas() -> bool:
+    """Whether "auto" would use oneMKL here, if it loads: one CPU device, and a CPU on
+    which oneMKL's kernels beat XLA's."""
+    return one_cpu_device() and cpu_vendor() in AUTO_BLAS_VENDORS
 
 
 def one_cpu_device() -> bool:

@@ -204,10 +204,27 @@ def test_an_explicit_blas_that_cannot_load_says_why(monkeypatch):
     assert cpu_gemm.resolve("auto") == "xla"
 
 
+def test_auto_uses_onemkl_only_on_one_device_of_an_intel_cpu(monkeypatch):
+    assert cpu_gemm.cpu_vendor() != ""  # this Linux box names its vendor
+    monkeypatch.delenv(cpu_gemm.ENV, raising=False)
+    monkeypatch.setattr(cpu_gemm, "available", lambda: True)
+    for vendor, devices_one, want in [("GenuineIntel", True, "blas"),
+                                      ("AuthenticAMD", True, "xla"),
+                                      ("", True, "xla"),
+                                      ("GenuineIntel", False, "xla")]:
+        monkeypatch.setattr(cpu_gemm, "cpu_vendor", lambda v=vendor: v)
+        monkeypatch.setattr(cpu_gemm, "one_cpu_device", lambda d=devices_one: d)
+        assert cpu_gemm.resolve() == want, (vendor, devices_one)
+        assert cpu_gemm.resolve("auto") == want
+        assert cpu_gemm.resolve("blas") == "blas"  # explicit: any vendor
+
+
 def _one_device_probe(tmp_path, **env) -> dict:
-    """``resolve()`` and ``status()`` in a fresh one-CPU-device process."""
+    """``resolve()`` and ``status()`` in a fresh one-CPU-device process, and whether
+    "auto" would pick oneMKL on this CPU."""
     code = ("import json; from meditron_jax import cpu_gemm; "
-            "print(json.dumps({'impl': cpu_gemm.resolve(), 'status': cpu_gemm.status()}))")
+            "print(json.dumps({'impl': cpu_gemm.resolve(), 'status': cpu_gemm.status(), "
+            "'prefers': cpu_gemm.auto_prefers_blas()}))")
     full_env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
                 "MEDITRON_CACHE_DIR": str(tmp_path / "cache"), **env}
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=full_env,
@@ -218,7 +235,10 @@ def _one_device_probe(tmp_path, **env) -> dict:
 
 @needs_mkl
 def test_one_cpu_device_picks_onemkl_and_falls_back_when_it_cannot(tmp_path):
-    assert _one_device_probe(tmp_path)["impl"] == "blas"
+    auto = _one_device_probe(tmp_path)
+    assert auto["impl"] == ("blas" if auto["prefers"] else "xla")
+    assert auto["prefers"] == (cpu_gemm.cpu_vendor() == "GenuineIntel")
+    assert _one_device_probe(tmp_path, MEDITRON_MATMUL="blas")["impl"] == "blas"
     assert list((tmp_path / "cache" / "kernels").glob("cpu_gemm-*.so"))  # compiled, cached
     assert _one_device_probe(tmp_path, MEDITRON_MATMUL="xla")["impl"] == "xla"
     missing = _one_device_probe(tmp_path, MEDITRON_MKL_LIB=str(tmp_path / "nope.so"))
