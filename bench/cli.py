@@ -135,9 +135,10 @@ def measure_preset(name: str, benches: list[str], args, workdir: str, probe: Ser
             out[bench] = (o, t, po, pt, False)
             rss = {"ours": max(rss["ours"] or 0, o.get("peak_rss_gb") or 0),
                    "transformers": max(rss["transformers"] or 0, t.get("peak_rss_gb") or 0)}
-    except WorkerFailed as exc:  # a failed preset is reported; the others' results are kept
+    except WorkerFailed as exc:  # what was measured before the failure is kept
         print(f"bench: {name}: {exc}", file=sys.stderr)
-        out.update({b: ({"missing": str(exc)},) * 2 + (None, None, False) for b in runnable})
+        out.update({b: ({"missing": str(exc)},) * 2 + (None, None, False)
+                    for b in runnable if b not in out})
     out["_rss"] = rss
     return out
 

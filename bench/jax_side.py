@@ -113,7 +113,8 @@ class _Train(_Measured):
                              eps=hp["eps"], clip_norm=hp["clip_norm"])
         optimizer = make_optimizer(optim, total_steps=1)
         mesh, rules = make_mesh("data=1", jax.devices()[:1]), RULES["train"]
-        opts = StepOptions(compute_dtype=jnp.float32, remat=p.work.train_remat)
+        opts = StepOptions(compute_dtype=jnp.float32, remat=p.work.train_remat,
+                           scan_layers=p.work.train_scan_layers)
         shardings = state_shardings(p.cfg, abstract_state(p.cfg, optimizer), mesh, rules)
         step_fn = jit_train_step(
             make_train_step(p.cfg, optimizer, schedule(optim, 1), opts,

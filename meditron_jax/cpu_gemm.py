@@ -244,17 +244,20 @@ def one_cpu_device() -> bool:
     return jax.default_backend() == "cpu" and jax.device_count() == 1
 
 
-def scan_layers(requested: bool | None = None) -> bool:
-    """Whether the decoder runs its layers as one ``lax.scan`` (None: yes, except on one
-    CPU device, where XLA:CPU copies every scanned weight slice and zero-fills, writes
-    and re-reads stacked buffers for the saved activations: the unrolled small training
-    step measured 9.45 s against 10.15 s scanned, bench/NOTES.md). Inside
+def scan_layers(requested: bool | None = None, matmul_impl: str = "xla") -> bool:
+    """Whether the decoder runs its layers as one ``lax.scan``. None: yes, except where
+    the matmuls go to oneMKL (``matmul_impl``, as :func:`resolve` returned it: one CPU
+    device), around whose custom calls XLA:CPU copied every scanned weight slice and
+    zero-filled, wrote and re-read stacked buffers for the saved activations (Intel box:
+    small train step 9.45 s unrolled against 10.15 s scanned). With XLA's own GEMMs
+    scanned was as fast or faster (AMD box: forward 3.04 vs 3.43 s, train 10.93 vs
+    11.04 s) and holds no split copy of the weights (bench/NOTES.md s.15, s.20). Inside
     ``forced("xla")`` always scanned (the planner's programs are for other devices)."""
     if getattr(_forced, "impl", None) == "xla":
         return True
     if requested is not None:
         return bool(requested)
-    return not one_cpu_device()
+    return matmul_impl != "blas"
 
 
 def _call(a: jax.Array, b: jax.Array, trans_a: bool, trans_b: bool) -> jax.Array:

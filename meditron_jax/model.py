@@ -158,7 +158,7 @@ def forward(params: Params, tokens: jax.Array, cfg: LlamaConfig, *,
     on one CPU device, oneMKL for the float32 projections (:mod:`meditron_jax.cpu_gemm`).
     ``scan_layers`` (None: automatic) runs stacked layers as one ``lax.scan``, or
     without a cache as an unrolled loop (:func:`meditron_jax.cpu_gemm.scan_layers`:
-    the default on one CPU device).
+    the default when oneMKL runs the matmuls).
     """
     constrain = constrain or _no_constraint
     mm = cpu_gemm.resolve(matmul_impl)
@@ -243,7 +243,7 @@ def forward(params: Params, tokens: jax.Array, cfg: LlamaConfig, *,
     init = (x, cache.k if cache is not None else None, cache.v if cache is not None else None)
     layers = params["layers"]
     if (cache is None and not isinstance(layers, (list, tuple))
-            and not cpu_gemm.scan_layers(scan_layers)):
+            and not cpu_gemm.scan_layers(scan_layers, mm)):
         layers = split_layers(layers)
     if isinstance(layers, (list, tuple)):  # unstacked: see unstack_layers
         ks, vs = per_layer_cache(cache) if cache is not None else (None, None)

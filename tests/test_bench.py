@@ -204,9 +204,10 @@ def test_a_benchmark_too_big_for_free_memory_is_skipped(monkeypatch):
 
 class _FakeServed:
     """Stands in for a bench.paired.Served worker: canned replies, every call logged;
-    the workers of ``fail_preset`` fail as they start."""
+    the workers of ``fail_preset`` fail as they start; warming up ``fail_bench`` fails."""
     calls: list = []
     fail_preset = None
+    fail_bench = None
 
     def __init__(self, kind, args, workdir, timeout, **opts):
         from bench import paired
@@ -216,7 +217,10 @@ class _FakeServed:
         self.seconds = 2.0 if kind == "transformers" else 1.0
 
     def call(self, op, bench=None):
+        from bench import paired
         self.calls.append((self.kind, op, bench))
+        if op == "warm" and bench == self.fail_bench and self.kind == "ours":
+            raise paired.WorkerFailed(f"the ours worker failed (exit -9) during warm {bench}")
         return {"probe": {"matmul_gflops": 10.0, "read_gbps": 1.0},
                 "warm": {"first_call_s": 1.0, "compile_s": 0.5},
                 "once": {"seconds": self.seconds, "other_load": 0.0},
@@ -229,7 +233,7 @@ class _FakeServed:
         pass
 
 
-def _fake_bench(monkeypatch, free_gib=1000.0, fail_preset=None):
+def _fake_bench(monkeypatch, free_gib=1000.0, fail_preset=None, fail_bench=None):
     import argparse
 
     from bench import cli as bench_cli
@@ -240,6 +244,7 @@ def _fake_bench(monkeypatch, free_gib=1000.0, fail_preset=None):
     monkeypatch.setattr(bench_cli, "_worker", lambda *a, **k: {"cpus": [0], "results": limits})
     monkeypatch.setattr(_FakeServed, "calls", [])
     monkeypatch.setattr(_FakeServed, "fail_preset", fail_preset)
+    monkeypatch.setattr(_FakeServed, "fail_bench", fail_bench)
     monkeypatch.setattr(bench_cli, "Served", _FakeServed)
     monkeypatch.setattr(bench_cli.machine, "available_gib", lambda: free_gib)
     return bench_cli, argparse.Namespace(threads=1, worker_timeout=1, ceiling_matmul_n=64,
@@ -252,6 +257,16 @@ def test_a_failed_worker_costs_only_its_preset(monkeypatch, tmp_path):
     assert result["small"]["forward"] == {
         "missing": "the transformers worker failed (exit 1) during start"}
     assert result["tiny"]["forward"]["ratio"] == 2.0
+
+
+def test_a_worker_killed_mid_preset_keeps_what_it_measured(monkeypatch, tmp_path):
+    bench_cli, args = _fake_bench(monkeypatch, fail_bench="train")
+    result = bench_cli.measure(args, ["tiny"], ["forward", "decode_b1", "train"],
+                               str(tmp_path))
+    assert result["tiny"]["forward"]["ratio"] == 2.0
+    assert result["tiny"]["decode_b1"]["ours_tokens_per_s"] > 0
+    assert result["tiny"]["train"] == {
+        "missing": "the ours worker failed (exit -9) during warm train"}
 
 
 def test_paired_runs_alternate_with_probes_between_them(monkeypatch, tmp_path):

@@ -219,6 +219,14 @@ def test_auto_uses_onemkl_only_on_one_device_of_an_intel_cpu(monkeypatch):
         assert cpu_gemm.resolve("blas") == "blas"  # explicit: any vendor
 
 
+def test_layers_are_unrolled_only_under_onemkl_unless_asked():
+    assert cpu_gemm.scan_layers(None, "xla") is True     # XLA's GEMMs: scanned was faster
+    assert cpu_gemm.scan_layers(None, "blas") is False   # around oneMKL's custom calls
+    assert cpu_gemm.scan_layers(True, "blas") is True and cpu_gemm.scan_layers(False) is False
+    with cpu_gemm.forced("xla"):
+        assert cpu_gemm.scan_layers(False, "blas") is True  # the planner always scans
+
+
 def _one_device_probe(tmp_path, **env) -> dict:
     """``resolve()`` and ``status()`` in a fresh one-CPU-device process, and whether
     "auto" would pick oneMKL on this CPU."""

@@ -32,7 +32,7 @@ def test_yaml_and_overrides(tmp_path):
     assert cfg.optim.lr == 3e-4  # YAML 1.1 reads 3e-4 as a string; still a float here
     assert cfg.data.train_files == ("a.txt", "b.txt") and cfg.lora.targets == ("q",)
     assert cfg.optim.clip_norm is None
-    assert cfg.model.scan_layers is None  # automatic: unrolled only on one CPU device
+    assert cfg.model.scan_layers is None  # automatic: unrolled only under oneMKL
     assert load(path, ["model.scan_layers=false"]).model.scan_layers is False
     assert RunConfig().to_dict()["train"]["batch_size"] == 8  # constructible from Python too
 

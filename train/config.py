@@ -34,7 +34,7 @@ class ModelSection:
     remat: str = "full"
     attention_impl: str | None = None    # None: let JAX pick; "cudnn" on H100; "einsum"
     loss_chunk: int = 1024               # positions per logits chunk in the loss (memory knob)
-    scan_layers: bool | None = None      # None: scanned, unrolled on one CPU device
+    scan_layers: bool | None = None      # None: scanned, unrolled under oneMKL (one CPU)
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ class StepOptions:
     attention_impl: str | None = None
     loss_chunk: int = 1024         # sequence positions per logits chunk (vocab is large)
     lora: LoraConfig | None = None
-    scan_layers: bool | None = None  # None: scanned, unrolled on one CPU device
+    scan_layers: bool | None = None  # None: scanned, unrolled when oneMKL runs the matmuls
 
 
 def chunked_loss_sums(params, hidden, targets, weights, cfg: LlamaConfig, chunk: int,
