@@ -137,7 +137,7 @@ def test_loss_and_gradients_match_torch(llama3_kv2):
     t_tokens = torch.as_tensor(tokens, dtype=torch.long)
     out = model(t_tokens, labels=t_tokens)
     out.loss.backward()
-    np.testing.assert_allclose(float(loss), float(out.loss), rtol=1e-4)
+    np.testing.assert_allclose(float(loss), float(out.loss.detach()), rtol=1e-4)
     t_grads = {k: p.grad.numpy() for k, p in model.named_parameters()}
     ref = params_from_hf(t_grads, cfg)
     for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
