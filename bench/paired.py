@@ -148,7 +148,8 @@ def run_paired(bench: str, repeats: int, theirs: Served, ours: Served, probe: Se
     theirs_result = summarize(warm_t, runs_t, theirs.call("finish", bench))
     ours_result = summarize(warm_o, runs_o, ours.call("finish", bench))
     ours_result["matmul"] = ours.ready.get("matmul")
-    return ours_result, theirs_result, around(probes), around(probes)
+    during = around(probes)  # both sides ran between the same probes
+    return ours_result, theirs_result, during, during
 
 
 def run_alone(bench: str, repeats: int, start: Callable[[], Served], probe: Served) -> tuple:

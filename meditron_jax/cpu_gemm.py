@@ -226,10 +226,15 @@ def resolve(impl: str | None = None) -> str:
         return "xla"
     if impl == "auto":
         return "blas" if auto_prefers_blas() and available() else "xla"
+    _require()
+    return "blas"
+
+
+def _require() -> None:
+    """Loads the handlers on first use; a UserError naming why they cannot load."""
     provider, error = status()
     if provider is None:
         raise UserError(f"matmul implementation 'blas' is unavailable: {error}")
-    return "blas"
 
 
 def auto_prefers_blas() -> bool:
@@ -261,8 +266,7 @@ def scan_layers(requested: bool | None = None, matmul_impl: str = "xla") -> bool
 
 
 def _call(a: jax.Array, b: jax.Array, trans_a: bool, trans_b: bool) -> jax.Array:
-    if not available():  # registers the handler on first use
-        raise UserError(f"matmul implementation 'blas' is unavailable: {status()[1]}")
+    _require()
     m = a.shape[-1] if trans_a else a.shape[-2]
     n = b.shape[-2] if trans_b else b.shape[-1]
     out = jax.ShapeDtypeStruct((*a.shape[:-2], m, n), jnp.float32)
@@ -304,8 +308,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
     query slot t when s <= t and their segments match. A flash-style loop over key
     blocks with an online softmax, no [T, T] buffer. Forward only: differentiate
     :func:`meditron_jax.layers.causal_attention`, which wraps it."""
-    if not available():
-        raise UserError(f"matmul implementation 'blas' is unavailable: {status()[1]}")
+    _require()
     return jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32),
                             vmap_method="sequential")(
         q, k, v, segment_ids.astype(jnp.int32), scale=np.float32(scale))

@@ -185,7 +185,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     if impl is None and jax.default_backend() != "gpu":  # GPU: let JAX pick (cuDNN)
         if (matmul_impl == "blas" and segment_ids is not None
                 and cpu_gemm.supports(q, k, v)):
-            return _flash_cpu(q, k, v, segment_ids, chunks)
+            return _flash_cpu(q, k, v, segment_ids, mask, chunks)
         return _causal_head_major(q, k, v, mask, chunks, matmul_impl)
     size = t // chunks
     out = [attention(q[:, c * size:(c + 1) * size], k[:, :(c + 1) * size],
@@ -194,22 +194,21 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     return jnp.concatenate(out, axis=1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _flash_cpu(q, k, v, segment_ids, chunks: int):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash_cpu(q, k, v, segment_ids, mask, chunks: int):
+    # the kernel masks from segment_ids itself (causal, same segment: what mask holds)
     return cpu_gemm.causal_attention(q, k, v, segment_ids, 1.0 / math.sqrt(q.shape[-1]))
 
 
-def _flash_cpu_fwd(q, k, v, segment_ids, chunks: int):
+def _flash_cpu_fwd(q, k, v, segment_ids, mask, chunks: int):
     # Differentiated: the chunked products (whose backward is XLA's autodiff of them).
-    slots = jnp.broadcast_to(jnp.arange(q.shape[1], dtype=jnp.int32), segment_ids.shape)
-    mask = attention_mask(segment_ids, slots, segment_ids)
     out, vjp = jax.vjp(lambda q, k, v: _causal_head_major(q, k, v, mask, chunks, "blas"),
                        q, k, v)
     return out, vjp
 
 
 def _flash_cpu_bwd(chunks: int, vjp, g):
-    return (*vjp(g), None)
+    return (*vjp(g), None, None)
 
 
 _flash_cpu.defvjp(_flash_cpu_fwd, _flash_cpu_bwd)
@@ -287,14 +286,16 @@ def attention_head_major(q: jax.Array, k: jax.Array, v: jax.Array,
     # Q = G*T query rows per kv head, so both products are plain batched matmuls
     # ([B*K] batch, no transposed operand) that XLA:CPU hands to its fast kernel.
     qh = q.reshape(b, t, kv_heads, g, h).transpose(0, 2, 3, 1, 4).reshape(b * kv_heads, g * t, h)
-    if matmul_impl == "blas" and cpu_gemm.supports(qh, k) and g * t >= ATTENTION_BLAS_ROWS:
+    blas = (matmul_impl == "blas" and cpu_gemm.supports(qh, k, v)
+            and g * t >= ATTENTION_BLAS_ROWS)
+    if blas:
         logits = cpu_gemm.matmul(qh, k, False, True)
     else:
         logits = jnp.einsum("BQH,BSH->BQS", qh, k, preferred_element_type=jnp.float32)
     logits = logits.reshape(b, kv_heads, g, t, s) / np.float32(math.sqrt(h))
     logits = jnp.where(mask[:, :, None, :, :], logits, jnp.finfo(jnp.float32).min * 0.7)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b * kv_heads, g * t, s)
-    if matmul_impl == "blas" and cpu_gemm.supports(probs, v) and g * t >= ATTENTION_BLAS_ROWS:
+    if blas:  # probs are in v's dtype, float32 here
         out = cpu_gemm.matmul(probs, v)
     else:
         out = jnp.einsum("BQS,BSH->BQH", probs, v)

@@ -32,11 +32,11 @@ using Sgemm64 = void (*)(int, int, int, int64_t, int64_t, int64_t, float, const 
 
 Sgemm64 g_sgemm = nullptr;
 
-// C[m, n] (leading dimension ldc) = op(A) @ op(B) for one tile.
+// C[m, n] (leading dimension ldc) = op(A) @ op(B) + beta * C for one tile.
 void Gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
-          const float* b, int64_t ldb, float* c, int64_t ldc) {
+          const float* b, int64_t ldb, float* c, int64_t ldc, float beta = 0.0f) {
   g_sgemm(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, m, n, k, 1.0f, a, lda, b,
-          ldb, 0.0f, c, ldc);
+          ldb, beta, c, ldc);
 }
 
 // Tiles are claimed from a counter by the calling thread and by tasks on XLA's pool
@@ -263,8 +263,7 @@ static ffi::Error CpuCausalAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32>
         float* ar = acc.data() + r * h;
         for (int64_t x = 0; x < h; ++x) ar[x] *= alpha;
       }
-      g_sgemm(kRowMajor, kNoTrans, kNoTrans, rows, h, sk, 1.0f, s.data(), sk, vb, ld_kv, 1.0f,
-              acc.data(), h);
+      Gemm(false, false, rows, h, sk, s.data(), sk, vb, ld_kv, acc.data(), h, 1.0f);
     }
     for (int64_t t = 0; t < tq; ++t)
       for (int64_t j = 0; j < g; ++j) {
