@@ -13,7 +13,9 @@ import importlib.util
 import os
 import sys
 
+from meditron_jax import hostinfo
 from meditron_jax.errors import UserError
+
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Defaults in every option's help, and the environment epilog kept as written."""
@@ -39,7 +41,10 @@ ENVIRONMENT = """environment:
                                   (xla), or required on any CPU (blas); meshes and
                                   accelerators always use XLA
   MEDITRON_DISTRIBUTED=0|1        start jax.distributed: never, or let JAX detect the cluster
-  MEDITRON_CACHE_DIR=DIR          where the CPU kernels are compiled (~/.cache/meditron-jax)"""
+  MEDITRON_CACHE_DIR=DIR          where the CPU kernels are compiled (~/.cache/meditron-jax)
+  MEDITRON_HUGEPAGES=1|0          start with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (transparent
+                                  huge pages for XLA's per-call buffers: fewer page faults;
+                                  the command restarts itself once to set it), or not"""
 
 
 def build_parser(load_all: bool = True) -> argparse.ArgumentParser:
@@ -110,6 +115,10 @@ def _skip_absent_tpu() -> None:
 
 
 def entry() -> None:
+    """The console script and ``python -m meditron_jax``: huge pages for the allocator
+    first (a re-exec, :func:`meditron_jax.hostinfo.reexec_with_hugepages`), then
+    :func:`main`."""
+    hostinfo.reexec_with_hugepages()
     sys.exit(main())
 
 
