@@ -19,7 +19,8 @@ import tempfile
 import time
 
 from bench import beyond_cpu, ceilings, machine, report
-from bench.paired import Served, WorkerFailed, pair_fits, run_alone, run_paired
+from bench.paired import (NEVER_PAIRED, Served, WorkerFailed, pair_fits, run_alone,
+                          run_paired)
 from bench.presets import BENCHMARKS, PRESETS, parse_list, peak_gib_estimate
 from meditron_jax.errors import UserError
 
@@ -109,7 +110,7 @@ def measure_preset(name: str, benches: list[str], args, workdir: str, probe: Ser
     def start(kind: str) -> Served:
         return Served(kind, args, workdir, timeout, preset=name, weights=weights)
     free = machine.available_gib()
-    paired = [b for b in runnable if pair_fits(p, b, free)]
+    paired = [b for b in runnable if b not in NEVER_PAIRED and pair_fits(p, b, free)]
     alone = [b for b in runnable if b not in paired]
     # Training last: it changes transformers' weights, and ours consumes its params.
     paired.sort(key=lambda b: b == "train")

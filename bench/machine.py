@@ -47,6 +47,11 @@ def _version(lib: str) -> str | None:
 
 def describe(threads: int) -> dict:
     return {"cpu": _cpu_model(), "cpu_vendor": hostinfo.cpuinfo_field("vendor_id"),
+            "cpu_family_model": [hostinfo.cpuinfo_field("cpu family"),
+                                 hostinfo.cpuinfo_field("model")],
+            # the allocator setting both sides' workers started with (hostinfo)
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+            "transparent_hugepages": hostinfo.thp_mode(),
             "logical_cpus": os.cpu_count(), "threads": threads,
             "memory_gb": _mem_total_gb(), "platform": platform.platform(),
             "python": platform.python_version(),
@@ -60,6 +65,7 @@ def load_after() -> dict:
 
 def summary(m: dict, ceilings: dict) -> str:
     return (f"machine: {m['cpu']}, {m['threads']} threads pinned, {m['memory_gb']} GB; "
-            f"load avg before {m['load_avg_before'][0]}, after {m['load_avg_after'][0]}\n"
+            f"load avg before {m['load_avg_before'][0]}, after {m['load_avg_after'][0]}; "
+            f"GLIBC_TUNABLES={m.get('glibc_tunables') or '(unset)'}\n"
             f"ceilings: matmul {ceilings['matmul_gflops']:.1f} GFLOP/s (float32, "
             f"{ceilings['matmul_n']}^3), read {ceilings['read_gbps']:.1f} GB/s")

@@ -116,6 +116,15 @@ class Served:
         self._log.close()
 
 
+# Benchmarks whose two sides each run alone (their own worker, probes between repeats),
+# never in back-to-back pairs: on the Zen 5 VM of 2026-12-02 our training step right
+# after transformers' ran 6.9-7.8 s, right after a probe 4.6-4.9 s (transformers' own
+# 7.7-8.2 s either way); keeping freed memory in our process removed the difference,
+# so the likely cause is fresh memory this VM handed back to its host after the other
+# process freed gigabytes (free page reporting; bench/NOTES.md section 21).
+NEVER_PAIRED = ("train",)
+
+
 def pair_fits(p: BenchPreset, bench: str, free_gib: float) -> bool:
     """Both sides' estimated peaks (and the probe's ~0.5 GiB) fit what is free now."""
     return 2 * peak_gib_estimate(p, bench) + 0.5 <= free_gib

@@ -44,9 +44,11 @@ def test_json_has_the_issue_shape(tiny_run):
         for key in ("ours_tokens_per_s", "transformers_tokens_per_s", "ratio",
                     "fraction_of_ceiling", "compiles_after_warmup"):
             assert isinstance(entry[key], (int, float)), (bench, key)
-        # paired runs: the ratio is the median of the back-to-back pairs' ratios
-        assert entry["paired"] and len(entry["pair_ratios"]) == 1
-        assert entry["ratio"] == pytest.approx(statistics.median(entry["pair_ratios"]))
+        if bench == "train":  # each side alone (bench.paired.NEVER_PAIRED)
+            assert not entry["paired"] and entry["pair_ratios"] == []
+        else:  # paired runs: the ratio is the median of the back-to-back pairs' ratios
+            assert entry["paired"] and len(entry["pair_ratios"]) == 1
+            assert entry["ratio"] == pytest.approx(statistics.median(entry["pair_ratios"]))
         assert entry["ours_matmul"] in ("xla", "blas (oneMKL 2026.2.1)")
         # Warm-up compiles everything; the timed repeats must not compile again.
         assert entry["compiles_after_warmup"] == 0, bench
@@ -271,15 +273,21 @@ def test_a_worker_killed_mid_preset_keeps_what_it_measured(monkeypatch, tmp_path
 
 def test_paired_runs_alternate_with_probes_between_them(monkeypatch, tmp_path):
     bench_cli, args = _fake_bench(monkeypatch)
-    result = bench_cli.measure(args, ["tiny"], ["forward", "train"], str(tmp_path))
+    result = bench_cli.measure(args, ["tiny"], ["forward", "decode_b1", "train"],
+                               str(tmp_path))
     calls = [c for c in _FakeServed.calls if c[1] != "finish"]
     t, o, probe = "transformers", "ours", ("probe", "probe", None)
     expected = []
-    for bench in ("forward", "train"):  # training last
+    for bench in ("forward", "decode_b1"):
         expected += [(t, "warm", bench), (o, "warm", bench), probe,
                      (t, "once", bench), (o, "once", bench), probe,
                      (o, "once", bench), (t, "once", bench), probe]
+    # training never pairs: each side's repeats in its own worker, probes between
+    for side in (t, o):
+        expected += [(side, "warm", "train"), probe, (side, "once", "train"), probe,
+                     (side, "once", "train"), probe]
     assert calls == expected
+    assert not result["tiny"]["train"]["paired"] and result["tiny"]["train"]["ratio"] == 2.0
     entry = result["tiny"]["forward"]
     assert entry["paired"] and entry["pair_ratios"] == [2.0, 2.0] and entry["ratio"] == 2.0
     flops = PRESETS["tiny"].cfg.flops_per_token(PRESETS["tiny"].work.seq_len, False)
