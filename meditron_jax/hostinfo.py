@@ -24,9 +24,9 @@ def cpuinfo_field(name: str) -> str:
 # XLA:CPU allocates an executable's temporaries afresh on every call, through glibc's
 # malloc; buffers above 32 MiB are new mmaps, so each train step or forward page-faults
 # every 4 KiB of its working set again (64,000 faults for one [2048, 32000] float32
-# buffer). With this tunable glibc asks for transparent huge pages (madvise), 512x fewer
-# faults: the `small` train step 5.6 -> 4.05 s, `medium` 47.2 -> 40.3 s, same peak RSS
-# (bench/NOTES.md). glibc reads it only as a process starts, hence the re-exec below.
+# buffer). With this tunable glibc asks for transparent huge pages (madvise): 637 faults
+# for that buffer, and the `small` train step 5.6 -> 4.05 s, `medium` 47.2 -> 40.3 s, same
+# peak RSS (bench/NOTES.md). glibc reads it only as a process starts, hence the re-exec.
 HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
 HUGEPAGES_ENV = "MEDITRON_HUGEPAGES"   # "0": leave the process's allocator alone
 _REEXEC_MARK = "_MEDITRON_REEXECED"
