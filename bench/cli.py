@@ -112,8 +112,6 @@ def measure_preset(name: str, benches: list[str], args, workdir: str, probe: Ser
     free = machine.available_gib()
     paired = [b for b in runnable if b not in NEVER_PAIRED and pair_fits(p, b, free)]
     alone = [b for b in runnable if b not in paired]
-    # Training last: it changes transformers' weights, and ours consumes its params.
-    paired.sort(key=lambda b: b == "train")
     rss = {"ours": None, "transformers": None}
     try:
         if paired:

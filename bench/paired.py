@@ -121,7 +121,9 @@ class Served:
 # after transformers' ran 6.9-7.8 s, right after a probe 4.6-4.9 s (transformers' own
 # 7.7-8.2 s either way); keeping freed memory in our process removed the difference,
 # so the likely cause is fresh memory this VM handed back to its host after the other
-# process freed gigabytes (free page reporting; bench/NOTES.md section 21).
+# process freed gigabytes (free page reporting; bench/NOTES.md section 21). Running
+# alone also gives training fresh workers: its step changes transformers' weights and
+# consumes our loaded parameters, which the paired benchmarks share.
 NEVER_PAIRED = ("train",)
 
 

@@ -3,6 +3,8 @@ records them too), and the allocator setting the command-line entry points start
 from __future__ import annotations
 
 import functools
+import os
+import sys
 
 
 @functools.cache
@@ -47,7 +49,6 @@ def thp_mode(path: str = _THP_ENABLED) -> str:
 
 def glibc_version() -> tuple[int, int] | None:
     """(major, minor) of the C library when it is glibc, else None."""
-    import os
     try:
         name, _, version = os.confstr("CS_GNU_LIBC_VERSION").partition(" ")
         major, minor = version.split(".")[:2]
@@ -74,16 +75,13 @@ def reexec_with_hugepages() -> None:
     thing by the command-line entry points, before JAX or PyTorch load; library users
     export ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` themselves. If the exec fails the
     command runs on unchanged."""
-    import os
-    import sys
     tunables = hugepage_tunables(os.environ, thp_mode(), glibc_version())
-    argv = list(getattr(sys, "orig_argv", []))
-    if tunables is None or not argv or not sys.executable:
+    if tunables is None or not sys.orig_argv or not sys.executable:
         return
     env = {**os.environ, "GLIBC_TUNABLES": tunables, _REEXEC_MARK: "1"}
     try:
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execve(sys.executable, [sys.executable, *argv[1:]], env)
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
     except OSError:
         return

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from bench import report
+from bench.paired import NEVER_PAIRED
 from bench.presets import BENCHMARKS, PRESETS, decode_bytes_per_step, tokens_per_step
 from meditron_jax import cli
 from meditron_jax.model import param_specs
@@ -44,7 +45,7 @@ def test_json_has_the_issue_shape(tiny_run):
         for key in ("ours_tokens_per_s", "transformers_tokens_per_s", "ratio",
                     "fraction_of_ceiling", "compiles_after_warmup"):
             assert isinstance(entry[key], (int, float)), (bench, key)
-        if bench == "train":  # each side alone (bench.paired.NEVER_PAIRED)
+        if bench in NEVER_PAIRED:  # each side alone
             assert not entry["paired"] and entry["pair_ratios"] == []
         else:  # paired runs: the ratio is the median of the back-to-back pairs' ratios
             assert entry["paired"] and len(entry["pair_ratios"]) == 1
