@@ -2,15 +2,23 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
+import subprocess
+import sys
 
 import jax
 import pytest
 
+from meditron_jax import config
 from meditron_jax.config import PRESETS, LlamaConfig, RopeScaling, preset
 from meditron_jax.errors import UserError
 from meditron_jax.model import abstract_params, count_params, param_specs
+from tests import hf_fixtures
 
-# Llama-3.1-8B's config.json as published (transformers-4 spelling).
+# Llama-3.1-8B-Instruct's config.json as published (transformers-4 spelling; the base
+# model's is in tests/data/hf_configs/).
 LLAMA31_8B_HF = {
     "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
     "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "hidden_act": "silu",
@@ -23,6 +31,11 @@ LLAMA31_8B_HF = {
     "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
     "transformers_version": "4.43.0.dev0", "use_cache": True, "vocab_size": 128256,
 }
+
+
+@pytest.fixture(autouse=True)
+def _fresh_warnings(monkeypatch):
+    monkeypatch.setattr(config, "_warned", set())  # each test sees its own warnings
 
 
 def test_published_llama31_config_equals_preset():
@@ -65,21 +78,165 @@ def test_legacy_type_key_and_default_rope():
     assert cfg.rope_scaling.rope_type == "default" and cfg.rope_theta == 10000.0
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "unsupported rope type 'yarn'"),
-    ({"rope_scaling": {"rope_type": "dynamic", "factor": 4.0}}, "unsupported rope type 'dynamic'"),
-    ({"attention_bias": True}, "attention_bias"),
-    ({"mlp_bias": True}, "mlp_bias"),
-    ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"sliding_window": 4096}, "sliding_window"),
-    ({"model_type": "mistral"}, "model_type"),
-    ({"num_key_value_heads": 5}, "multiple of num_key_value_heads"),
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "llama3 rope scaling needs"),
-    ({"hidden_size": "4096"}, "hidden_size must be an integer"),
-])
-def test_unsupported_fields_are_named(change, message):
-    with pytest.raises(UserError, match=message):
+L3 = LLAMA31_8B_HF["rope_scaling"]
+NO_ROPE = {k: v for k, v in LLAMA31_8B_HF.items() if k not in ("rope_scaling", "rope_theta")}
+
+MATH_CHANGING = [
+    ({"attention_bias": True}, "attention_bias=true is not supported"),
+    ({"mlp_bias": True}, "mlp_bias=true is not supported"),
+    ({"hidden_act": "gelu"}, 'hidden_act="gelu" is not supported'),
+    ({"rope_interleaved": True}, "rope_interleaved=true is not supported"),
+    ({"pretraining_tp": 2}, "pretraining_tp=2 is not supported"),
+    ({"pretraining_tp": True}, "pretraining_tp=true is not supported"),
+    ({"attention_dropout": 0.1}, "attention_dropout=0.1 is not supported"),
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5 is not supported"),
+    ({"rope_scaling": dict(L3, partial_rotary_factor=0.5)},
+     "rope_scaling.partial_rotary_factor=0.5 is not supported"),
+    ({"model_type": "mistral"}, 'model_type="mistral" is not supported'),
+    ({"quantization_config": {"quant_method": "gptq", "bits": 4}},
+     "quantization_config is not supported"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+     "rope_scaling has rope type 'yarn', which is not implemented"),
+    ({"rope_scaling": {"type": "dynamic", "factor": 4.0}},
+     "rope_scaling has rope type 'dynamic', which is not implemented"),
+    ({"rope_scaling": None, "rope_parameters": {"rope_type": "longrope", "factor": 4.0}},
+     "rope_parameters has rope type 'longrope', which is not implemented"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+     "llama3 rope scaling needs low_freq_factor, high_freq_factor (in rope_scaling)"),
+    ({"rope_scaling": {"type": "linear"}}, "linear rope scaling needs factor (in rope_scaling)"),
+    ({"hidden_size": 4100}, "head_dim is not given and hidden_size 4100 is not a multiple of "
+                            "num_attention_heads 32"),
+    ({"head_dim": 63}, "head_dim must be even for RoPE, got 63"),
+    ({"num_key_value_heads": 5}, "num_attention_heads (32) must be a multiple of "
+                                 "num_key_value_heads (5)"),
+]
+BAD_NUMBERS = [
+    ({"max_position_embeddings": 12.5}, "max_position_embeddings must be a positive integer, "
+                                        "got 12.5"),
+    ({"vocab_size": 0}, "vocab_size must be a positive integer, got 0"),
+    ({"hidden_size": "4096"}, "hidden_size must be a positive integer, got '4096'"),
+    ({"intermediate_size": -14336}, "intermediate_size must be a positive integer"),
+    ({"num_hidden_layers": True}, "num_hidden_layers must be a positive integer, got True"),
+    ({"num_attention_heads": 32.0}, "num_attention_heads must be a positive integer, got 32.0"),
+    ({"head_dim": 64.5}, "head_dim must be a positive integer, got 64.5"),
+    ({"bos_token_id": "one"}, "bos_token_id must be a token id (an integer >= 0) or null, "
+                              "got 'one'"),
+    ({"pad_token_id": -1}, "pad_token_id must be a token id (an integer >= 0) or null, got -1"),
+    ({"eos_token_id": [128001, "128009"]}, "eos_token_id must be a token id or a list of "
+                                           "token ids (integers >= 0), got [128001, '128009']"),
+    ({"eos_token_id": True}, "eos_token_id must be a token id or a list of token ids"),
+    ({"rms_norm_eps": "1e-5"}, "rms_norm_eps must be a positive number, got '1e-5'"),
+    ({"rms_norm_eps": 0}, "rms_norm_eps must be a positive number, got 0"),
+    ({"rms_norm_eps": float("nan")}, "rms_norm_eps must be a positive number, got nan"),
+    ({"rope_theta": "5e5"}, "rope_theta must be a positive number, got '5e5'"),
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false, got 'false'"),
+    ({"tie_word_embeddings": 0}, "tie_word_embeddings must be true or false, got 0"),
+    ({"rope_scaling": dict(L3, factor=0.0)}, "rope_scaling.factor must be a positive number, "
+                                             "got 0.0"),
+    ({"rope_scaling": dict(L3, factor=-8)}, "rope_scaling.factor must be a positive number"),
+    ({"rope_scaling": dict(L3, low_freq_factor=4.0)},
+     "rope_scaling.low_freq_factor (4) must be below rope_scaling.high_freq_factor (4)"),
+    ({"rope_scaling": dict(L3, original_max_position_embeddings=8192.5)},
+     "rope_scaling.original_max_position_embeddings must be a positive integer, got 8192.5"),
+    ({"rope_scaling": "llama3"}, "rope_scaling must be an object or null, got 'llama3'"),
+]
+DISAGREEING = [  # transformers 5 reads the first of each pair
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}},
+     "rope_scaling (llama3: factor 8, low_freq_factor 1, high_freq_factor 4, "
+     "original_max_position_embeddings 8192) and rope_parameters (default) disagree"),
+    ({"rope_parameters": dict(L3, factor=16.0)}, "rope_scaling (llama3: factor 8,"),
+    ({"rope_parameters": dict(L3, rope_theta=1e6)},
+     "rope_theta (500000) and rope_parameters.rope_theta (1e+06) disagree"),
+    ({"rope_scaling": dict(L3, rope_theta=1e6)},
+     "rope_theta (500000) and rope_scaling.rope_theta (1e+06) disagree"),
+]
+
+
+@pytest.mark.parametrize("change,message", MATH_CHANGING + BAD_NUMBERS + DISAGREEING)
+def test_refusals_are_one_line_naming_the_key(change, message):
+    with pytest.raises(UserError, match=re.escape(message)) as exc:
         LlamaConfig.from_hf(dict(LLAMA31_8B_HF, **change))
+    assert str(exc.value).startswith("config.json: ") and "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("change", [
+    {"hidden_act": "swish"}, {"attention_bias": None}, {"rope_interleaved": False},
+    {"partial_rotary_factor": 1.0}, {"attention_dropout": 0}, {"quantization_config": None},
+    {"rope_scaling": dict(L3, type="llama3")}, {"rope_parameters": dict(L3)},
+    {"rope_parameters": dict(L3, rope_theta=500000)}, {"rope_scaling": {}, "rope_parameters": L3},
+])
+def test_llama_values_and_agreeing_spellings_are_accepted(change):
+    assert LlamaConfig.from_hf(dict(LLAMA31_8B_HF, **change)) == preset("llama-3.1-8b")
+
+
+@pytest.mark.parametrize("rope", [
+    dict(rope_theta=500000.0, rope_scaling=L3),
+    dict(rope_parameters=dict(L3, rope_theta=500000.0)),
+    dict(rope_theta=500000.0, rope_scaling=L3, rope_parameters=dict(L3, rope_theta=500000.0)),
+    dict(rope_scaling={"type": "linear", "factor": 2.0},
+         rope_parameters={"rope_type": "linear", "factor": 2.0}, rope_theta=1e6),
+    dict(rope_theta=1e6, rope_parameters={"rope_type": "linear", "factor": 4.0}),
+    dict(rope_scaling={}, rope_parameters=dict(L3, rope_theta=250000.0)),
+    dict(rope_parameters={k: v for k, v in L3.items() if k != "original_max_position_embeddings"}),
+    dict(rope_scaling=None, rope_theta=100000),
+    dict(rope_scaling={"rope_type": "default", "factor": 8.0}),
+    {},
+], ids=["t4", "t5", "both", "both-legacy-type", "t5-top-theta", "empty-t4", "llama3-no-original",
+        "null-scaling", "default-with-factor", "none"])
+def test_rope_reads_as_transformers_standardizes_it(rope):
+    """Every accepted spelling gives the theta and scaling transformers 5 computes with."""
+    from transformers import LlamaConfig as HFConfig
+    hf = dict(NO_ROPE, **rope)
+    ours = LlamaConfig.from_hf(json.loads(json.dumps(hf)))
+    theirs = HFConfig.from_dict(json.loads(json.dumps(hf))).rope_parameters
+    params = {k: v for k, v in theirs.items() if k not in ("rope_type", "rope_theta", "type")}
+    if theirs["rope_type"] == "default":
+        params = {}  # its inverse frequencies read no scaling key
+    assert ours.rope_theta == theirs["rope_theta"]
+    assert ours.rope_scaling == RopeScaling(theirs["rope_type"], **params)
+
+
+def test_unknown_keys_are_named_in_one_warning(tmp_path, caplog):
+    hf = dict(LLAMA31_8B_HF, is_llama_config=True, rope_interleaved=False, bos_token="<s>",
+              unsloth_version="2024.9", sliding_window=4096, rope_scaling=dict(L3, mscale=1.0),
+              **{"transformers.js_config": {"kv_cache_dtype": {"fp16": "float16"}}})
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with caplog.at_level(logging.WARNING, logger="meditron_jax.config"):
+        cfg = LlamaConfig.from_hf(tmp_path)
+        LlamaConfig.from_hf(tmp_path)  # a command that reads the file twice warns once
+    assert cfg == preset("llama-3.1-8b")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / 'config.json'}: ignoring key(s) the Llama architecture does not use: "
+        "bos_token, is_llama_config, rope_scaling.mscale, sliding_window, "
+        "transformers.js_config, unsloth_version"]
+
+
+def test_transformers_own_configs_warn_nothing(caplog):
+    from transformers import LlamaConfig as HFConfig
+    theirs = HFConfig(**hf_fixtures.TINY_HF)
+    with caplog.at_level(logging.WARNING, logger="meditron_jax.config"):
+        for hf in (theirs.to_dict(), json.loads(theirs.to_json_string()), preset("tiny").to_hf()):
+            LlamaConfig.from_hf(hf)
+    assert not caplog.records
+
+
+def test_cli_shows_the_warning_as_one_stderr_line(tmp_path):
+    """The CLI installs no logging set-up: Python's last-resort handler prints the bare
+    message, one line, before the command's own output (here: no weights, exit 2)."""
+    src = tmp_path / "hf"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(dict(
+        hf_fixtures.TINY_HF, is_llama_config=True, **{"transformers.js_config": {}})))
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys; from meditron_jax.cli import main; "
+         "sys.exit(main(sys.argv[1:]))", "convert", "--model", str(src),
+         "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert lines[0] == (f"{src / 'config.json'}: ignoring key(s) the Llama architecture does "
+                        "not use: is_llama_config, transformers.js_config")
+    assert len(lines) == 2 and "safetensors" in lines[1], proc.stderr
 
 
 def test_missing_field_and_malformed_file(tmp_path):
@@ -89,12 +246,27 @@ def test_missing_field_and_malformed_file(tmp_path):
         LlamaConfig.from_hf(hf)
     with pytest.raises(UserError, match="not found"):
         LlamaConfig.from_hf(tmp_path)
-    (tmp_path / "config.json").write_text('{"vocab_size": 12,')
+    path = tmp_path / "config.json"
+    path.write_text('{"vocab_size": 12,')
     with pytest.raises(UserError, match="malformed JSON"):
         LlamaConfig.from_hf(tmp_path)
-    (tmp_path / "config.json").write_text("[1, 2]")
+    path.write_text("[1, 2]")
     with pytest.raises(UserError, match="expected a JSON object"):
         LlamaConfig.from_hf(tmp_path)
+    path.write_bytes(json.dumps(dict(LLAMA31_8B_HF, _name_or_path="méditron"),
+                                ensure_ascii=False).encode("latin-1"))
+    with pytest.raises(UserError, match=re.escape(f"{path}: not UTF-8 text (byte ")) as exc:
+        LlamaConfig.from_hf(tmp_path)
+    assert "\n" not in str(exc.value)
+
+
+def test_wrongly_typed_fields_are_refused_in_code_too():
+    """``replace`` (the run config's model.overrides) checks like config.json does."""
+    with pytest.raises(UserError, match=re.escape("config: rms_norm_eps must be a positive "
+                                                  "number, got '1e-5'")):
+        preset("tiny").replace(rms_norm_eps="1e-5")
+    with pytest.raises(UserError, match="config: rope_scaling.low_freq_factor"):
+        RopeScaling("llama3", 8.0, 4.0, 1.0, 32)
 
 
 def test_unknown_preset():
