@@ -97,29 +97,52 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return normed.astype(x.dtype) * weight.astype(x.dtype)
 
 
+def _rdiv(x: float, t: np.ndarray) -> np.ndarray:
+    """torch's ``x / t`` for a Python scalar x: ``t.reciprocal() * float32(x)``, two roundings."""
+    return (np.float32(1) / t) * np.float32(x)
+
+
 def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
-    """Inverse frequencies with the config's scaling, in float32 like transformers."""
-    dim = cfg.head_dim
-    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    inv_freq = (np.float32(1.0) / (np.float32(cfg.rope_theta) ** exponents)).astype(np.float32)
+    """Inverse frequencies with the config's scaling, bitwise equal to transformers'.
+
+    Each step is the float32 operation of transformers' ``_compute_*_rope_parameters``, in
+    its order: Python scalars cast to float32, ``scalar / tensor`` as :func:`_rdiv`.
+    ``theta ** (2i / d)`` is rounded from float64, not taken from numpy's float32 ``power``:
+    on AVX-512 hosts that dispatches to Intel SVML, not correctly rounded, and issue 16 saw
+    13 of the 64 Llama-3.1 frequencies one rounding step off there (logits 8.5e-3 off at
+    32K positions). torch's float32 pow (SLEEF, within 1 ulp, one algorithm on AVX2 and
+    AVX-512) equals the correctly rounded value at the settings tests/test_rope_long.py
+    checks; at some others (theta 1e6, head_dim 128) it is one step off in one frequency.
+    """
+    f32 = np.float32
+    exponents = np.arange(0, cfg.head_dim, 2, dtype=np.int64).astype(f32) / f32(cfg.head_dim)
+    theta = float(f32(cfg.rope_theta))
+    inv_freq = _rdiv(1.0, np.array([theta ** float(e) for e in exponents]).astype(f32))
     rs = cfg.rope_scaling
     if rs.rope_type == "linear":
-        return (inv_freq / np.float32(rs.factor)).astype(np.float32)
+        return inv_freq / f32(rs.factor)
     if rs.rope_type == "llama3":
         old_ctx = rs.original_max_position_embeddings
-        low_wavelen = old_ctx / rs.low_freq_factor
-        high_wavelen = old_ctx / rs.high_freq_factor
-        wavelen = (2 * math.pi / inv_freq).astype(np.float32)
-        scaled = np.where(wavelen > low_wavelen, inv_freq / rs.factor, inv_freq)
-        smooth = (old_ctx / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
-        smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+        low_wavelen = f32(old_ctx / rs.low_freq_factor)
+        high_wavelen = f32(old_ctx / rs.high_freq_factor)
+        wavelen = _rdiv(2 * math.pi, inv_freq)
+        scaled = np.where(wavelen > low_wavelen, inv_freq / f32(rs.factor), inv_freq)
+        smooth = ((_rdiv(old_ctx, wavelen) - f32(rs.low_freq_factor))
+                  / f32(rs.high_freq_factor - rs.low_freq_factor))
+        smoothed = (f32(1) - smooth) * scaled / f32(rs.factor) + smooth * scaled
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
-        return np.where(medium, smoothed, scaled).astype(np.float32)
+        return np.where(medium, smoothed, scaled)
     return inv_freq
 
 
 def rope_tables(positions: jax.Array, cfg: LlamaConfig) -> tuple[jax.Array, jax.Array]:
-    """cos/sin of shape [B, T, head_dim] (rotate-half layout), float32."""
+    """cos/sin of shape [B, T, head_dim] (rotate-half layout), float32.
+
+    The angles are transformers' bitwise (``inv_freq @ position_ids`` has one term: one
+    float32 rounding); their cos/sin agree with torch's within one float32 step at any
+    position, each being within one step of the exact value. (transformers' scale
+    ``attention_scaling`` is 1 for every rope type supported here.)
+    """
     inv_freq = jnp.asarray(rope_inv_freq(cfg))
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B,T,H/2]
     angles = jnp.concatenate([angles, angles], axis=-1)
