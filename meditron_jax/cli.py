@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import logging
 import os
 import sys
 
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(sub_parser)
     rest = argv[argv.index(first) + 1:]
     args = sub_parser.parse_args(rest)
+    _warnings_to_stderr(first)
     try:
         result = module.run(args)
     except UserError as exc:
@@ -99,6 +101,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"meditron-jax {first}: interrupted", file=sys.stderr)
         return 130
     return int(result or 0)
+
+
+def _warnings_to_stderr(command: str) -> None:
+    """The library's warnings (logger ``meditron_jax``: ignored config keys, checkpoints
+    without checksums, ...) as one line each, in the same shape as its errors."""
+    log = logging.getLogger("meditron_jax")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(f"meditron-jax {command}: warning: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.WARNING)
 
 
 def _skip_absent_tpu() -> None:

@@ -221,8 +221,8 @@ def test_transformers_own_configs_warn_nothing(caplog):
 
 
 def test_cli_shows_the_warning_as_one_stderr_line(tmp_path):
-    """The CLI installs no logging set-up: Python's last-resort handler prints the bare
-    message, one line, before the command's own output (here: no weights, exit 2)."""
+    """The CLI prints library warnings like its errors: one line, before the command's own
+    output (here: no weights, exit 2)."""
     src = tmp_path / "hf"
     src.mkdir()
     (src / "config.json").write_text(json.dumps(dict(
@@ -234,7 +234,7 @@ def test_cli_shows_the_warning_as_one_stderr_line(tmp_path):
         capture_output=True, text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr
-    assert lines[0] == (f"{src / 'config.json'}: ignoring key(s) the Llama architecture does "
+    assert lines[0] == (f"meditron-jax convert: warning: {src / 'config.json'}: ignoring key(s) the Llama architecture does "
                         "not use: is_llama_config, transformers.js_config")
     assert len(lines) == 2 and "safetensors" in lines[1], proc.stderr
 
