@@ -21,7 +21,7 @@ from meditron_jax.config import LlamaConfig, preset, PRESETS as MODEL_PRESETS
 from meditron_jax.errors import UserError
 from meditron_jax.loading import directory_kind
 from meditron_jax.model import REMAT_POLICIES
-from sharding import INFER_RULES, TRAIN_RULES, describe, make_mesh
+from sharding import INFER_RULES, TRAIN_RULES, Rules, cache_heads, describe, make_mesh
 from sharding.aot import TARGET_EXAMPLES, MemoryPlan, compile_plan, resolve_target, step_flops
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -153,6 +153,8 @@ def make_plan(cfg: LlamaConfig, *, model: str, mode: str, target: str, mesh: str
                                         dtype=DTYPES[pdt])
         settings = f"weights and KV cache {pdt}"
         model_flops = 0.0
+    settings += _kv_heads_note(cfg, the_mesh, TRAIN_RULES if mode == "train" else INFER_RULES,
+                               mode)
     # XLA's own dot everywhere: the oneMKL custom call (meditron_jax.cpu_gemm) runs on
     # this host's CPU only, and cost analysis could not count its FLOPs.
     with cpu_gemm.forced("xla"):
@@ -163,6 +165,16 @@ def make_plan(cfg: LlamaConfig, *, model: str, mode: str, target: str, mesh: str
     return Plan(model=model, mode=mode, target=devices.name, device_kind=devices.device_kind,
                 devices=len(devices.devices), mesh=describe(the_mesh), batch=batch, seq=seq,
                 settings=settings, memory=memory, flops=flops, model_flops=model_flops)
+
+
+def _kv_heads_note(cfg: LlamaConfig, mesh, rules: Rules, mode: str) -> str:
+    """How KV heads that the mesh does not divide are laid out (sharding.rules)."""
+    if rules.for_model(cfg, mesh) is rules:
+        return ""
+    note = f"; {cfg.num_key_value_heads} KV heads: k/v weights replicated"
+    if mode == "infer":
+        note += f", cache of {cache_heads(cfg, mesh, rules)} heads (each repeated)"
+    return note
 
 
 def _prepare_backend(target: str) -> None:

@@ -68,14 +68,16 @@ def _last_logits(params, hidden, cfg, constrain) -> jax.Array:
 
 
 def prefill_logits(params, tokens, pad, *, cfg: LlamaConfig, max_len: int, dtype,
-                   constrain=None, attention_impl=None) -> tuple[jax.Array, KVCache]:
-    """Run left-padded prompts [B, P] into a fresh cache of ``max_len`` slots; return
-    the next-token logits [B, V] (float32) and the cache."""
+                   constrain=None, attention_impl=None,
+                   cache_heads: int | None = None) -> tuple[jax.Array, KVCache]:
+    """Run left-padded prompts [B, P] into a fresh cache of ``max_len`` slots (and
+    ``cache_heads`` heads, :meth:`KVCache.init`); return the next-token logits [B, V]
+    (float32, V padded: :func:`~meditron_jax.model.logits_from_hidden`) and the cache."""
     b, p = tokens.shape
     slots = jnp.arange(p, dtype=jnp.int32)[None, :]
     segment_ids = (slots >= pad[:, None]).astype(jnp.int32)
     positions = jnp.maximum(slots - pad[:, None], 0)
-    cache = KVCache.init(cfg, b, max_len, dtype)
+    cache = KVCache.init(cfg, b, max_len, dtype, cache_heads)
     if constrain is not None:
         cache = dataclasses.replace(cache, k=constrain(cache.k, CACHE_AXES),
                                     v=constrain(cache.v, CACHE_AXES))
@@ -117,10 +119,12 @@ def _advance(state: DecodeState, logits: jax.Array, sampling: Sampling) -> Decod
 
 
 def prefill(params, tokens, pad, budget, row_seeds, seed, stop_ids, *, cfg, max_len,
-            sampling, dtype, constrain=None, attention_impl=None) -> DecodeState:
+            sampling, dtype, constrain=None, attention_impl=None,
+            cache_heads: int | None = None) -> DecodeState:
     """Prompts -> a decode state holding the cache and each row's first new token."""
     logits, cache = prefill_logits(params, tokens, pad, cfg=cfg, max_len=max_len, dtype=dtype,
-                                   constrain=constrain, attention_impl=attention_impl)
+                                   constrain=constrain, attention_impl=attention_impl,
+                                   cache_heads=cache_heads)
     b, p = tokens.shape
     base = jax.random.key(seed, impl=RNG_IMPL)
     rng = jax.vmap(lambda s: jax.random.key_data(jax.random.fold_in(base, s)))(row_seeds)
@@ -167,7 +171,7 @@ def build_prefill(placement: Placement, *, max_len: int, sampling: Sampling, dty
     """jit(prefill) for one cache length; it compiles once per prompt-length bucket."""
     fn = functools.partial(prefill, cfg=placement.cfg, max_len=max_len, sampling=sampling,
                            dtype=dtype, constrain=placement.constrain,
-                           attention_impl=attention_impl)
+                           attention_impl=attention_impl, cache_heads=placement.cache_heads)
     row = ("batch",)
     in_axes = None if placement.mesh is None else (
         placement.params(), placement.sharding(("batch", "seq")), placement.sharding(row),
@@ -197,7 +201,7 @@ def abstract_decode_step(cfg: LlamaConfig, mesh: Mesh | None, rules: Rules = INF
     def state_shapes():
         b = batch
         row = jnp.zeros((b,), jnp.int32)
-        return DecodeState(cache=KVCache.init(cfg, b, max_len, dtype),
+        return DecodeState(cache=KVCache.init(cfg, b, max_len, dtype, placement.cache_heads),
                            tokens=jnp.zeros((b, max_len), jnp.int32), pad=row, budget=row,
                            generated=row, finish=row, rng=jnp.zeros((b, 2), jnp.uint32),
                            stop_ids=jnp.zeros((MAX_STOP_IDS,), jnp.int32))

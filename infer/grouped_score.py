@@ -38,13 +38,13 @@ class ScoreGroup:
 
 
 def shared_context_scores(params, ctx, pad, conts, cont_len, *, cfg, dtype, constrain=None,
-                          attention_impl=None):
+                          attention_impl=None, cache_heads: int | None = None):
     """ctx [B, Tc] left-padded, conts [B, k, W] right-padded, cont_len [B, k] ->
     (sum log p of each continuation [B, k], every token the argmax [B, k])."""
     b, tc = ctx.shape
     _, k, w = conts.shape
     slots = jnp.arange(tc, dtype=jnp.int32)[None, :]
-    cache = KVCache.init(cfg, b, tc + w - 1, dtype)
+    cache = KVCache.init(cfg, b, tc + w - 1, dtype, cache_heads)
     if constrain is not None:
         cache = dataclasses.replace(cache, k=constrain(cache.k, CACHE_AXES),
                                     v=constrain(cache.v, CACHE_AXES))
@@ -86,7 +86,8 @@ class GroupedScorer(Scorer):
     def _build_group_fn(self):
         pl = self.placement
         fn = functools.partial(shared_context_scores, cfg=self.cfg, dtype=self.dtype,
-                               constrain=pl.constrain, attention_impl=self.attention_impl)
+                               constrain=pl.constrain, attention_impl=self.attention_impl,
+                               cache_heads=pl.cache_heads)
         if pl.mesh is None:
             return jax.jit(fn)
         rows = pl.sharding(("batch", None))

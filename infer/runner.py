@@ -17,8 +17,8 @@ from jax.sharding import Mesh
 from meditron_jax.config import LlamaConfig
 from meditron_jax.errors import UserError
 from meditron_jax.loading import LoadedModel
-from sharding import (INFER_RULES, Rules, activation_constrainer, check_batch, check_model_fits,
-                      param_shardings, tree_shardings)
+from sharding import (INFER_RULES, Rules, activation_constrainer, cache_heads, check_batch,
+                      check_model_fits, param_shardings, tree_shardings)
 
 PAD_ID = 0
 MIN_BUCKET = 16
@@ -50,8 +50,12 @@ class Placement:
     """
 
     def __init__(self, cfg: LlamaConfig, mesh: Mesh | None, rules: Rules = INFER_RULES):
-        self.cfg, self.mesh, self.rules = cfg, mesh, rules
-        self.constrain = activation_constrainer(mesh, rules) if mesh is not None else None
+        # KV heads the mesh cannot split: replicated weights, a cache of repeated heads
+        self.cfg, self.mesh = cfg, mesh
+        self.rules = rules if mesh is None else rules.for_model(cfg, mesh)
+        self.cache_heads = (cfg.num_key_value_heads if mesh is None
+                            else cache_heads(cfg, mesh, self.rules))
+        self.constrain = activation_constrainer(mesh, self.rules) if mesh is not None else None
 
     def sharding(self, axes: tuple):
         return None if self.mesh is None else self.rules.sharding(self.mesh, axes)

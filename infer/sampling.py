@@ -67,7 +67,9 @@ def mask_top_p(logits: jax.Array, p: float) -> jax.Array:
 
 
 def sample(logits: jax.Array, keys: jax.Array, sampling: Sampling) -> jax.Array:
-    """One token per row: logits [B, V] (float32), keys [B] typed PRNG keys -> [B] int32."""
+    """One token per row: logits [B, V] (float32), keys [B] typed PRNG keys -> [B] int32.
+    A padded vocabulary's extra columns arrive as -inf (model.logits_from_hidden): every
+    step below keeps them at probability 0, so they are never drawn."""
     if sampling.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     scaled = logits.astype(jnp.float32) / jnp.float32(sampling.temperature)

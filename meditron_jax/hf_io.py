@@ -25,8 +25,9 @@ import numpy as np
 
 from meditron_jax.config import LlamaConfig
 from meditron_jax.errors import UserError
-from meditron_jax.hf_keys import check_hf_tensor, check_key_set, is_ignorable
-from meditron_jax.tensor_blocks import Index, TensorPlan, plan, read_ours
+from meditron_jax.hf_keys import (check_hf_tensor, check_key_set, is_ignorable, tied_copies,
+                                  tied_copy_differs)
+from meditron_jax.tensor_blocks import BLOCK_BYTES, Index, TensorPlan, plan, read_ours
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -71,6 +72,10 @@ class HFSnapshot:
                                 f"weights must be one of {', '.join(DTYPES)}")
             check_hf_tensor(name, shape, cfg, files[name])
             tensors[name] = _Stored(files[name], offset, shape, DTYPES[dtype_name])
+        for copy, original in tied_copies(cfg).items():
+            if copy in tensors and not _same_values(tensors[copy], tensors[original]):
+                raise tied_copy_differs(files[copy], copy, original)
+            tensors.pop(copy, None)
         return cls(path, cfg, tensors)
 
     def dtype_of(self, p: TensorPlan) -> np.dtype:
@@ -81,16 +86,30 @@ class HFSnapshot:
     def read(self, p: TensorPlan, index: Index) -> np.ndarray:
         """Block ``index`` of parameter ``p`` in our layout (full-array index)."""
         if not p.stacked:
-            return read_ours(self._reader(p.rule.hf), p.rule.hf_dims, p.layer_shape, index)
+            return read_ours(self._reader(p.rule.hf), p.rule.hf_dims, p.layer_shape, index,
+                             p.stored_shape)
         start, stop, _ = index[0].indices(p.shape[0])
         layers = [read_ours(self._reader(p.rule.hf.format(i=i)), p.rule.hf_dims, p.layer_shape,
-                            index[1:]) for i in range(start, stop)]
+                            index[1:], p.stored_shape) for i in range(start, stop)]
         if len(layers) == 1:
             return layers[0][None]
         return np.stack(layers)
 
     def _reader(self, name: str) -> Callable[[Index], np.ndarray]:
         return lambda hf_index: _read_rows(self.tensors[name], hf_index)
+
+
+def _same_values(a: _Stored, b: _Stored) -> bool:
+    """Whether two stored tensors of one shape hold the same values, compared a block of
+    rows at a time (never a whole tensor in memory)."""
+    rows = max(1, BLOCK_BYTES // (int(np.prod(a.shape[1:], dtype=np.int64)) * 4))
+    for start in range(0, a.shape[0], rows):
+        x, y = (_read_rows(t, (slice(start, start + rows),)) for t in (a, b))
+        if x.dtype != y.dtype:
+            x, y = x.astype(np.float32), y.astype(np.float32)
+        if not np.array_equal(x, y):
+            return False
+    return True
 
 
 def _read_rows(t: _Stored, hf_index: Index) -> np.ndarray:
@@ -102,7 +121,9 @@ def _read_rows(t: _Stored, hf_index: Index) -> np.ndarray:
     map, so a device's shard never costs the whole tensor.
     """
     start, stop, _ = hf_index[0].indices(t.shape[0])
-    rows = (max(0, stop - start), *t.shape[1:])
+    if stop <= start:  # a block wholly in our padded vocabulary
+        return np.empty((0, *t.shape[1:]), t.dtype)[(slice(None), *hf_index[1:])]
+    rows = (stop - start, *t.shape[1:])
     row_bytes = int(np.prod(t.shape[1:], dtype=np.int64)) * t.dtype.itemsize
     offset = t.offset + start * row_bytes
     if all(s.indices(n)[:2] == (0, n) for s, n in zip(hf_index[1:], t.shape[1:])):

@@ -3,6 +3,13 @@
 Each entry names the HF key template, our parameter path, and the per-tensor transform
 in each direction (transposes and reshapes only: our q/k use HF's rotate-half RoPE, so
 no head permutation is needed). Shapes are checked against :func:`param_specs`.
+
+Two differences between the layouts are declared here too. The vocabulary: our
+embedding and head pad it (``param_specs`` declares :func:`padded_vocab_size` along every
+``vocab`` axis), HF tensors hold ``cfg.vocab_size`` rows; reads zero-fill the padding and
+writes drop it, all derived from :func:`stored_layer_shape`. Tied heads: a tied model's
+head is its embedding, yet some exporters also store ``lm_head.weight``; such a copy is
+accepted when it equals the embedding (:func:`tied_copies`).
 """
 from __future__ import annotations
 
@@ -84,6 +91,19 @@ def rules(cfg: LlamaConfig) -> tuple[KeyRule, ...]:
     return _RULES
 
 
+def tied_copies(cfg: LlamaConfig) -> dict[str, str]:
+    """HF tensors a checkpoint may hold as an exact copy of another (copy -> original):
+    a tied model's ``lm_head.weight``, which transformers does not write but some
+    exporters do. Readers check the copy equals the original, then ignore it."""
+    return {"lm_head.weight": "model.embed_tokens.weight"} if cfg.tie_word_embeddings else {}
+
+
+def tied_copy_differs(where: str, copy: str, original: str) -> UserError:
+    return UserError(f"{where}: tensor {copy} differs from {original}, but config.json ties "
+                     "them (tie_word_embeddings: true); set tie_word_embeddings to false to "
+                     f"use the stored {copy}, or delete it")
+
+
 def _spec_at(cfg: LlamaConfig, path: tuple[str, ...]):
     node = param_specs(cfg)
     for p in path:
@@ -91,11 +111,22 @@ def _spec_at(cfg: LlamaConfig, path: tuple[str, ...]):
     return node
 
 
+def _layer_spec(rule: KeyRule, cfg: LlamaConfig) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """Declared (per-layer) shape and logical axes of the parameter a rule maps."""
+    spec = _spec_at(cfg, rule.ours)
+    return (spec.shape[1:], spec.axes[1:]) if rule.per_layer else (spec.shape, spec.axes)
+
+
+def stored_layer_shape(rule: KeyRule, cfg: LlamaConfig) -> tuple[int, ...]:
+    """Our (per-layer) shape of what the HF tensor holds: the declared shape with every
+    ``vocab`` axis at ``cfg.vocab_size`` (ours pads it; rows past it are zeros)."""
+    shape, axes = _layer_spec(rule, cfg)
+    return tuple(cfg.vocab_size if axis == "vocab" else n for n, axis in zip(shape, axes))
+
+
 def hf_shape(rule: KeyRule, cfg: LlamaConfig) -> tuple[int, ...]:
     """Expected shape of one HF tensor (one layer's slice for per-layer rules)."""
-    shape = _spec_at(cfg, rule.ours).shape
-    if rule.per_layer:
-        shape = shape[1:]
+    shape = stored_layer_shape(rule, cfg)
     # From the declared layout: transforming a dummy array would copy a whole tensor
     # (0.5 GB for an 8B model's lm_head) just to learn its shape.
     return tuple(math.prod(shape[d] for d in group) for group in rule.hf_dims)
@@ -118,14 +149,18 @@ def check_key_set(names, cfg: LlamaConfig, where: str) -> None:
     expected = expected_hf_keys(cfg)
     names = set(names)
     missing = sorted(set(expected) - names)
-    unexpected = sorted(n for n in names - set(expected) if not _IGNORABLE.match(n))
+    unexpected = sorted(n for n in names - set(expected) - set(tied_copies(cfg))
+                        if not _IGNORABLE.match(n))
     if missing or unexpected:
         parts = []
         if missing:
             parts.append(f"missing tensor(s) {_preview(missing)}")
         if unexpected:
             parts.append(f"unexpected tensor(s) {_preview(unexpected)}")
-        raise UserError(f"{where}: {'; '.join(parts)} (does config.json match the weights?)")
+        hint = ("a tied head? then config.json needs tie_word_embeddings: true"
+                if missing == ["lm_head.weight"] and not unexpected
+                else "does config.json match the weights?")
+        raise UserError(f"{where}: {'; '.join(parts)} ({hint})")
 
 
 def _preview(names: list[str], limit: int = 4) -> str:
@@ -134,7 +169,7 @@ def _preview(names: list[str], limit: int = 4) -> str:
 
 
 def check_hf_tensor(name: str, shape, cfg: LlamaConfig, where: str) -> None:
-    rule, _ = expected_hf_keys(cfg)[name]
+    rule, _ = expected_hf_keys(cfg)[tied_copies(cfg).get(name, name)]
     want = hf_shape(rule, cfg)
     if tuple(shape) != want:
         raise UserError(f"{where}: tensor {name} has shape {tuple(shape)}, expected {want} "
@@ -146,16 +181,20 @@ def is_ignorable(name: str) -> bool:
 
 
 def params_from_hf(tensors: dict[str, np.ndarray], cfg: LlamaConfig, dtype=None) -> dict:
-    """In-memory conversion of a full HF state dict (tests and small models).
+    """In-memory conversion of a full HF state dict (tests and small models), the
+    vocabulary padded with zeros.
 
     The streaming path for real checkpoints lives in :mod:`meditron_jax.convert`.
     """
     check_key_set(tensors, cfg, "state dict")
+    for copy, original in tied_copies(cfg).items():
+        if copy in tensors and not np.array_equal(tensors[copy], tensors[original]):
+            raise tied_copy_differs("state dict", copy, original)
     out: dict = {}
     for name, (rule, layer) in expected_hf_keys(cfg).items():
         w = np.asarray(tensors[name])
         check_hf_tensor(name, w.shape, cfg, "state dict")
-        w = rule.to_ours(w, cfg)
+        w = _pad_to(rule.to_ours(w, cfg), _layer_spec(rule, cfg)[0])
         if dtype is not None:
             w = w.astype(dtype)
         node = out
@@ -171,12 +210,19 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: LlamaConfig, dtype=None)
 
 
 def hf_from_params(params: dict, cfg: LlamaConfig) -> dict[str, np.ndarray]:
-    """In-memory inverse of :func:`params_from_hf`."""
+    """In-memory inverse of :func:`params_from_hf` (the padding cut off)."""
     out = {}
     for name, (rule, layer) in expected_hf_keys(cfg).items():
         node = params
         for p in rule.ours:
             node = node[p]
         w = np.asarray(node if layer is None else node[layer])
-        out[name] = rule.to_hf(w, cfg)
+        out[name] = rule.to_hf(w[tuple(slice(n) for n in stored_layer_shape(rule, cfg))], cfg)
     return out
+
+
+def _pad_to(w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Zero rows/columns appended up to ``shape`` (the padded vocabulary)."""
+    if w.shape == shape:
+        return w
+    return np.pad(w, [(0, n - m) for n, m in zip(shape, w.shape)])

@@ -36,6 +36,8 @@ TARGETS = {
 _HF_TO_OURS = {hf.split(".")[-1]: ours for ours, (hf, _) in TARGETS.items()}
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+_UNSUPPORTED = ("fan_in_fan_out", "modules_to_save", "layers_to_transform", "rank_pattern",
+                "alpha_pattern", "use_dora", "lora_bias")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,10 +154,12 @@ def read_adapter_config(path: str) -> tuple[LoraConfig, float]:
         raise UserError(f"{file}: malformed JSON (line {exc.lineno}: {exc.msg})") from None
     if c.get("peft_type", "LORA") != "LORA":
         raise UserError(f"{file}: peft_type {c.get('peft_type')!r} is not supported (only LORA)")
-    if c.get("bias", "none") != "none" or c.get("fan_in_fan_out") or c.get("modules_to_save") \
-            or c.get("layers_to_transform") is not None:
+    # PEFT options a plain merge would get wrong (alpha_pattern: silently, with the wrong scale)
+    special = [k for k in _UNSUPPORTED if c.get(k) not in (None, {}, []) and c.get(k) is not False]
+    if c.get("bias", "none") != "none" or special:
         raise UserError(f"{file}: only plain LoRA adapters are supported (bias='none', no "
-                        "fan_in_fan_out, modules_to_save or layers_to_transform)")
+                        f"{', '.join(_UNSUPPORTED)}); this one sets "
+                        f"{', '.join(special) or 'bias=' + repr(c.get('bias'))}")
     modules = c.get("target_modules") or []
     if isinstance(modules, str):
         modules = [modules]

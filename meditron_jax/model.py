@@ -34,6 +34,9 @@ Constrain = Callable[[jax.Array, tuple], jax.Array]
 CAUSAL_CHUNKS = 4
 CAUSAL_CHUNKS_BLAS = 8
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv_proj")
+# The embedding and head hold the vocabulary rounded up to a multiple of this (Megatron's
+# make-vocab-size-divisible-by), so every power-of-two tensor axis up to 128 divides it.
+VOCAB_MULTIPLE = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,9 +46,18 @@ class ParamSpec:
     init: str = "normal"    # "normal" (std = initializer_range) or "ones"
 
 
+def padded_vocab_size(cfg: LlamaConfig) -> int:
+    """Rows of the embedding (and columns of the head): ``cfg.vocab_size`` rounded up to
+    a multiple of :data:`VOCAB_MULTIPLE`. The extra rows are zeros, their logits are
+    masked (:func:`mask_padded_vocab`) and their gradients are exactly zero, so they
+    never change a result; checkpoints on disk hold ``cfg.vocab_size`` rows."""
+    return -(-cfg.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
 def param_specs(cfg: LlamaConfig) -> dict:
     """The one declaration of every parameter (a nested dict mirroring the params)."""
-    d, f, v, n = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers
+    d, f, v, n = (cfg.hidden_size, cfg.intermediate_size, padded_vocab_size(cfg),
+                  cfg.num_hidden_layers)
     h, heads, kv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
     specs = {
         "embed": ParamSpec((v, d), ("vocab", "embed")),
@@ -85,11 +97,17 @@ def _path_key(key: jax.Array, path) -> jax.Array:
 def init_params(cfg: LlamaConfig, key: jax.Array, dtype=jnp.float32,
                 std: float = 0.02) -> Params:
     """Random parameters. Each weight's key derives from its path, so the values do
-    not depend on how (or whether) the init is sharded."""
+    not depend on how (or whether) the init is sharded. Padded vocabulary rows are zero."""
     def make(path, spec: ParamSpec):
         if spec.init == "ones":
             return jnp.ones(spec.shape, dtype)
-        return (std * jax.random.normal(_path_key(key, path), spec.shape, jnp.float32)).astype(dtype)
+        dim = spec.axes.index("vocab") if "vocab" in spec.axes else None
+        shape = spec.shape if dim is None else (
+            spec.shape[:dim] + (cfg.vocab_size,) + spec.shape[dim + 1:])
+        w = std * jax.random.normal(_path_key(key, path), shape, jnp.float32)
+        if shape != spec.shape:
+            w = jnp.pad(w, [(0, s - n) for s, n in zip(spec.shape, shape)])
+        return w.astype(dtype)
     return jax.tree_util.tree_map_with_path(make, param_specs(cfg), is_leaf=is_spec)
 
 
@@ -151,8 +169,10 @@ def forward(params: Params, tokens: jax.Array, cfg: LlamaConfig, *,
     within their segment). With ``cache``, the new keys/values are written at slots
     ``cache.index ...`` and the updated cache is returned.
 
-    Returns ``(logits [B, T, V] float32, cache or None)``; with ``return_hidden`` the
-    final normed hidden states [B, T, D] (compute dtype) instead of logits.
+    Returns ``(logits [B, T, V] float32, cache or None)`` with V = ``cfg.vocab_size``
+    (the padded columns cut off, as transformers returns them); with ``return_hidden``
+    the final normed hidden states [B, T, D] (compute dtype) instead of logits, for
+    :func:`logits_from_hidden`.
     ``lora = (adapters, scale)`` merges LoRA adapters into each layer's weights
     (:mod:`meditron_jax.lora`). ``matmul_impl`` (None: automatic) picks XLA's dot or,
     on one CPU device, oneMKL for the float32 projections (:mod:`meditron_jax.cpu_gemm`).
@@ -192,6 +212,8 @@ def forward(params: Params, tokens: jax.Array, cfg: LlamaConfig, *,
     eps = cfg.rms_norm_eps
     n_heads, kv_heads, head_dim = (cfg.num_attention_heads, cfg.num_key_value_heads,
                                    cfg.head_dim)
+    # A cache may hold each KV head several times (kvcache.py: a layout the mesh shards)
+    cache_heads = cache.heads if cache is not None else kv_heads
 
     def block(carry, layer):
         x, k_cache, v_cache = carry
@@ -211,9 +233,12 @@ def forward(params: Params, tokens: jax.Array, cfg: LlamaConfig, *,
         q, k, v = (checkpoint_name(a, "qkv_proj") for a in (q, k, v))
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
+        if cache_heads != kv_heads:
+            k, v = (jnp.repeat(a, cache_heads // kv_heads, axis=2) for a in (k, v))
         if k_cache is not None and i is None:  # this layer's own [B*K,S,H] buffers
             def head_major(a):
-                return a.swapaxes(1, 2).reshape(b * kv_heads, t, head_dim).astype(k_cache.dtype)
+                return a.swapaxes(1, 2).reshape(b * cache_heads, t, head_dim).astype(
+                    k_cache.dtype)
             k_cache = jax.lax.dynamic_update_slice(k_cache, head_major(k), (0, start, 0))
             v_cache = jax.lax.dynamic_update_slice(v_cache, head_major(v), (0, start, 0))
             attn = attention_head_major(q, k_cache.astype(dtype), v_cache.astype(dtype), mask,
@@ -266,7 +291,10 @@ def forward(params: Params, tokens: jax.Array, cfg: LlamaConfig, *,
         new_cache = KVCache(k=k_cache, v=v_cache, segment_ids=kv_segments, index=start + t)
     if return_hidden:
         return x, new_cache
-    return logits_from_hidden(params, x, cfg, constrain, mm), new_cache
+    logits = _head_logits(params, x, cfg, constrain, mm)
+    if logits.shape[-1] != cfg.vocab_size:
+        logits = logits[..., :cfg.vocab_size]
+    return logits, new_cache
 
 
 def split_layers(layers: dict) -> tuple[dict, ...]:
@@ -350,6 +378,27 @@ def per_layer_cache(cache: KVCache) -> tuple[tuple, tuple]:
 def logits_from_hidden(params: Params, x: jax.Array, cfg: LlamaConfig,
                        constrain: Constrain | None = None,
                        matmul_impl: str | None = None) -> jax.Array:
+    """Logits [B, T, padded vocab] float32 of hidden states [B, T, D], the padded
+    columns -inf (:func:`mask_padded_vocab`): sampling, softmax and scores over them
+    equal those over the true vocabulary, and the array keeps the head's sharding."""
+    return mask_padded_vocab(_head_logits(params, x, cfg, constrain, matmul_impl),
+                             cfg.vocab_size)
+
+
+def mask_padded_vocab(logits: jax.Array, vocab_size: int) -> jax.Array:
+    """Columns ``>= vocab_size`` of [..., V_padded] logits set to -inf: probability
+    exactly 0, never sampled (argmax, top-k/top-p sort them last), and zero gradient
+    through softmax/logsumexp (``where`` passes none to them). A no-op, decided in
+    Python, when the vocabulary needed no padding."""
+    if logits.shape[-1] == vocab_size:
+        return logits
+    column = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    return jnp.where(column < vocab_size, logits, -jnp.inf)
+
+
+def _head_logits(params: Params, x: jax.Array, cfg: LlamaConfig,
+                 constrain: Constrain | None = None,
+                 matmul_impl: str | None = None) -> jax.Array:
     mm = cpu_gemm.resolve(matmul_impl)
     head = params.get("lm_head")  # the decode layout's OutIn head, also when tied
     if not isinstance(head, OutIn):

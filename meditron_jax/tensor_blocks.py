@@ -10,7 +10,9 @@ by a tensor or the model.
 The index mapping follows each key rule's declared ``hf_dims`` (see
 :mod:`meditron_jax.hf_keys`): an HF dim flattens one or more of our dims, so a slice of
 our array is read as the covering rows of the HF tensor, then reshaped, cut and
-transposed.
+transposed. Where our layout pads the vocabulary, the HF tensor holds only the first
+``cfg.vocab_size`` entries of that axis (``TensorPlan.stored_shape``): reads zero-fill
+the rest, and the HF side's blocks (:meth:`TensorPlan.hf_blocks`) stop at it.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from meditron_jax.config import LlamaConfig
-from meditron_jax.hf_keys import KeyRule, rules
+from meditron_jax.hf_keys import KeyRule, rules, stored_layer_shape
 
 BLOCK_BYTES = 32 << 20  # float32-sized; small next to an 8B model's 2 GB embed, large for I/O
 
@@ -36,6 +38,7 @@ class TensorPlan:
     shape: tuple[int, ...]  # our full shape (leading `layers` dim when stacked)
     block_axis: int         # per-layer dim that blocks cut (first dim of HF dim 0)
     block_len: int
+    stored_shape: tuple[int, ...]  # per-layer, as the HF tensor holds it (true vocabulary)
 
     @property
     def path(self) -> tuple[str, ...]:
@@ -70,6 +73,15 @@ class TensorPlan:
             out.append(tuple(index))
         return out
 
+    def hf_blocks(self) -> list[Index]:
+        """The per-layer blocks cut to what the HF tensor holds (no padding rows)."""
+        out = []
+        for block in self.layer_blocks():
+            cut = tuple(slice(*s.indices(n)[:2]) for s, n in zip(block, self.stored_shape))
+            if all(s.stop > s.start for s in cut):
+                out.append(cut)
+        return out
+
     def blocks(self, layer: int | None = None) -> list[Index]:
         """Indices into the full array: one layer's blocks (stacked) or all blocks."""
         if not self.stacked:
@@ -93,7 +105,7 @@ def plan(cfg: LlamaConfig, block_bytes: int = BLOCK_BYTES) -> list[TensorPlan]:
         n = layer_shape[axis]
         row_bytes = math.prod(layer_shape) // n * 4
         pieces = max(1, min(n, -(-n * row_bytes // block_bytes)))
-        out.append(TensorPlan(rule, shape, axis, -(-n // pieces)))
+        out.append(TensorPlan(rule, shape, axis, -(-n // pieces), stored_layer_shape(rule, cfg)))
     return out
 
 
@@ -104,20 +116,31 @@ def _span(s: slice, n: int) -> tuple[int, int]:
     return start, max(start, stop)
 
 
-def read_ours(read_hf: Callable[[Index], np.ndarray], hf_dims, layer_shape, index: Index) -> np.ndarray:
+def read_ours(read_hf: Callable[[Index], np.ndarray], hf_dims, layer_shape, index: Index,
+              stored_shape: tuple[int, ...] | None = None) -> np.ndarray:
     """Block ``index`` of one layer in our layout, read from the HF tensor by
-    ``read_hf(hf_index)`` (which returns the HF rows/cols asked for)."""
+    ``read_hf(hf_index)`` (which returns the HF rows/cols asked for). With
+    ``stored_shape`` (our shape of what the HF tensor holds, smaller than
+    ``layer_shape`` along a padded axis), entries past it read as zeros."""
+    stored = stored_shape or layer_shape
     spans = [_span(s, n) for s, n in zip(index, layer_shape)]
+    want = tuple(b - a for a, b in spans)
+    spans = [(min(a, m), min(b, m)) for (a, b), m in zip(spans, stored)]
     hf_index, split, cut = [], [], []
     for group in hf_dims:
-        inner = [layer_shape[d] for d in group[1:]]
+        inner = [stored[d] for d in group[1:]]
         a, b = spans[group[0]]
         hf_index.append(slice(a * math.prod(inner), b * math.prod(inner)))
         split += [b - a, *inner]
         cut += [slice(None)] + [slice(*spans[d]) for d in group[1:]]
     block = read_hf(tuple(hf_index)).reshape(split)[tuple(cut)]
     order = [d for group in hf_dims for d in group]
-    return np.ascontiguousarray(np.transpose(block, [order.index(d) for d in range(len(order))]))
+    block = np.transpose(block, [order.index(d) for d in range(len(order))])
+    if block.shape == want:
+        return np.ascontiguousarray(block)
+    padded = np.zeros(want, block.dtype)
+    padded[tuple(slice(n) for n in block.shape)] = block
+    return padded
 
 
 def hf_from_ours(block: np.ndarray, hf_dims) -> np.ndarray:

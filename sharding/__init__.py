@@ -5,7 +5,7 @@ from sharding.placement import (batch_sharding, cache_shardings, derived_shardin
                                 param_shardings, place, replicated, sharded_initializer,
                                 tree_shardings)
 from sharding.rules import (INFER_RULES, LOGICAL_NAMES, PRESETS, TRAIN_RULES, Rules,
-                            activation_constrainer, check_batch, check_model_fits)
+                            activation_constrainer, cache_heads, check_batch, check_model_fits)
 
 __all__ = [
     "add_distributed_arguments", "initialize_distributed", "initialize_from_args",
@@ -13,5 +13,5 @@ __all__ = [
     "parse_mesh_spec", "batch_sharding", "cache_shardings", "derived_shardings",
     "init_sharded", "param_shardings", "place", "replicated", "sharded_initializer", "tree_shardings",
     "INFER_RULES", "LOGICAL_NAMES", "PRESETS", "TRAIN_RULES", "Rules",
-    "activation_constrainer", "check_batch", "check_model_fits",
+    "activation_constrainer", "cache_heads", "check_batch", "check_model_fits",
 ]

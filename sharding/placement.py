@@ -26,8 +26,9 @@ def tree_shardings(axes_tree, mesh: Mesh, rules: Rules):
 
 
 def param_shardings(cfg: LlamaConfig, mesh: Mesh, rules: Rules):
+    """The params' shardings under ``rules.for_model(cfg, mesh)``, checked to fit."""
     check_model_fits(cfg, mesh, rules)
-    return tree_shardings(logical_axes(cfg), mesh, rules)
+    return tree_shardings(logical_axes(cfg), mesh, rules.for_model(cfg, mesh))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -98,4 +99,5 @@ def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
 
 
 def cache_shardings(mesh: Mesh, rules: Rules):
+    """Shardings of a ``KVCache`` (its heads dim: :func:`sharding.rules.cache_heads`)."""
     return tree_shardings(KVCache.logical_axes(), mesh, rules)

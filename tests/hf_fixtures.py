@@ -21,13 +21,19 @@ TINY_HF = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden
 
 def make_hf_model(std: float = 0.25, seed: int = 0, **overrides):
     """A float32 ``LlamaForCausalLM`` with N(0, std) weights (norm weights around 1)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
     kwargs = dict(TINY_HF)
     kwargs.update(overrides)
+    return model_from_config(LlamaConfig(**kwargs), std, seed)
+
+
+def model_from_config(hf_cfg, std: float = 0.25, seed: int = 0):
+    """:func:`make_hf_model`'s weights for any transformers ``LlamaConfig``."""
+    import torch
+    from transformers import LlamaForCausalLM
+
     torch.manual_seed(seed)
-    hf_cfg = LlamaConfig(**kwargs)
     model = LlamaForCausalLM(hf_cfg).eval().to(torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -71,7 +77,7 @@ def add_word_tokenizer(snapshot_dir, out_dir, words) -> str:
     import json
     import shutil
 
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
     out_dir = os.fspath(out_dir)
     shutil.copytree(os.fspath(snapshot_dir), out_dir, dirs_exist_ok=True)
@@ -81,6 +87,8 @@ def add_word_tokenizer(snapshot_dir, out_dir, words) -> str:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     tok.add_special_tokens(specials)
+    tok.post_processor = processors.TemplateProcessing(  # bos as Llama's tokenizer.json adds it
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
     tok.save(os.path.join(out_dir, "tokenizer.json"))
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
         json.dump({"bos_token": "<s>", "eos_token": "</s>"}, f)

@@ -251,7 +251,7 @@ def test_bad_meshes(tiny_hf_dir, generators):
     model = generators(None).model
     with pytest.raises(UserError, match="needs 16 devices but only 8"):
         sharding.make_mesh("data=16")
-    with pytest.raises(UserError, match="2 kv heads are not divisible by tensor=4"):
-        Generator(model, _mesh("tensor=4"), batch_size=4)
+    with pytest.raises(UserError, match="4 query heads are not divisible by tensor=8"):
+        Generator(model, _mesh("tensor=8"), batch_size=8)
     with pytest.raises(UserError, match="batch size 6 is not divisible by the data axes"):
         Generator(model, _mesh("tensor=2,data=4"), batch_size=6)

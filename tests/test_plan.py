@@ -81,7 +81,7 @@ def test_cli_writes_the_plan(tmp_path):
     (["--target", "gpu:8"], "expected cpu:N or tpu:GEN:TOPOLOGY"),
     (["--target", "tpu:v5e:2x4:0"], "slice count must be a positive integer"),
     (["--target", "cpu:64"], "this process has 8 CPU device"),
-    (["--mesh", "tensor=3"], "8 kv heads are not divisible by tensor=3"),
+    (["--mesh", "tensor=3"], "32 query heads are not divisible by tensor=3"),
     (["--mesh", "fsdp=8", "--batch", "6"], "batch size 6 is not divisible"),
     (["--seq", "200000"], "exceeds the model's max_position_embeddings"),
     (["--model", "no-such-model"], "neither a preset"),

@@ -14,12 +14,15 @@ from jax.sharding import AxisType, PartitionSpec as P
 from meditron_jax.config import preset
 from meditron_jax.errors import UserError
 from meditron_jax.kvcache import KVCache
-from meditron_jax.model import abstract_params, forward, init_params, param_specs, is_spec
+from meditron_jax.lora import LoraConfig
+from meditron_jax.model import (abstract_params, forward, init_params, is_spec, padded_vocab_size,
+                                param_specs)
 from sharding import (INFER_RULES, LOGICAL_NAMES, PRESETS, TRAIN_RULES, Rules,
-                      add_distributed_arguments, check_batch, check_model_fits, derived_shardings,
-                      initialize_distributed, make_mesh, param_shardings,
-                      parse_mesh_spec, place, sharded_initializer)
+                      add_distributed_arguments, cache_heads, cache_shardings, check_batch,
+                      check_model_fits, derived_shardings, initialize_distributed, make_mesh,
+                      param_shardings, parse_mesh_spec, place, sharded_initializer)
 from sharding.distributed import initialize_from_args
+from train.step import abstract_state, state_shardings
 
 TINY = preset("tiny")
 BIG = preset("meditron3-8b")
@@ -87,7 +90,8 @@ def used_logical_names() -> set[str]:
 
 def test_every_logical_name_has_exactly_one_rule():
     used = used_logical_names()
-    assert {"batch", "seq", "vocab", "embed", "heads", "kv_heads", "mlp", "layers"} <= used
+    assert {"batch", "seq", "vocab", "embed", "heads", "kv_heads", "cache_heads", "mlp",
+            "layers"} <= used
     assert used <= set(LOGICAL_NAMES), f"names without a rule: {used - set(LOGICAL_NAMES)}"
     for rules in PRESETS.values():
         assert set(rules.table) == set(LOGICAL_NAMES)
@@ -119,13 +123,53 @@ def test_specs_drop_size_one_axes():
     assert INFER_RULES.spec(("batch", "seq"), make_mesh("data=2,fsdp=4")) == P("data")
 
 
-def test_kv_heads_not_divisible_by_tensor():
-    with pytest.raises(UserError, match=r"8 kv heads are not divisible by tensor=3; "
-                                        r"use tensor in \[1, 2, 4, 8\]"):
+def test_query_heads_not_divisible_by_tensor():
+    with pytest.raises(UserError, match=r"mesh data=1,fsdp=1,tensor=3: the model's 32 query heads "
+                                        r"are not divisible by tensor=3; "
+                                        r"use tensor in \[1, 2, 4, 8, 16, 32\]"):
         check_model_fits(BIG, make_mesh("tensor=3"), TRAIN_RULES)
-    with pytest.raises(UserError, match="2 kv heads are not divisible by tensor=4"):
-        param_shardings(TINY, make_mesh("tensor=4"), INFER_RULES)
     check_model_fits(BIG, make_mesh("fsdp=2,tensor=4"), TRAIN_RULES)
+
+
+def test_kv_heads_the_tensor_axis_cannot_split_are_replicated():
+    mesh = make_mesh("fsdp=2,tensor=4")                    # tiny: 2 kv heads
+    for rules in (TRAIN_RULES, INFER_RULES):
+        fitted = rules.for_model(TINY, mesh)
+        assert fitted.table == {**rules.table, "kv_heads": ()}
+        assert fitted.for_model(TINY, mesh) is fitted      # idempotent
+        assert rules.for_model(TINY, make_mesh("tensor=2")) is rules  # 2 divide 2
+        shardings = param_shardings(TINY, mesh, rules)["layers"]
+        assert shardings["k"].spec == shardings["v"].spec == P(None, "fsdp")
+        assert shardings["q"].spec == P(None, "fsdp", "tensor")  # query heads stay split
+    lora = LoraConfig(rank=4, alpha=8.0, targets=("q", "k"))
+    state = state_shardings(TINY, abstract_state(TINY, optax.adamw(1e-3), lora=lora), mesh,
+                            TRAIN_RULES, lora)
+    assert state.params["k"]["b"].spec == P()          # [layers, rank, kv_heads, head_dim]
+    assert state.params["q"]["b"].spec == P(None, None, "tensor")
+    assert cache_heads(TINY, mesh, INFER_RULES) == 4     # each kv head twice: 1 per device
+    assert cache_heads(TINY, make_mesh("tensor=2"), INFER_RULES) == 2
+    assert cache_heads(BIG, make_mesh("fsdp=8"), TRAIN_RULES) == 8
+    cache = cache_shardings(mesh, INFER_RULES)
+    assert cache.k.spec == P(None, None, None, "tensor") and cache.k == cache.v
+
+
+def test_vocab_padded_to_a_multiple_of_128():
+    odd = TINY.replace(vocab_size=517)
+    assert padded_vocab_size(odd) == 640 and padded_vocab_size(TINY) == 512
+    assert padded_vocab_size(BIG) == BIG.vocab_size == 128256
+    assert padded_vocab_size(BIG.replace(vocab_size=128257)) == 128384
+    assert param_specs(odd)["embed"].shape == (640, 64)
+    assert param_specs(odd)["lm_head"].shape == (64, 640)
+    shardings = param_shardings(odd, make_mesh("data=2,fsdp=2,tensor=2"), TRAIN_RULES)
+    assert shardings["embed"].shard_shape((640, 64)) == (320, 32)
+    params = init_params(odd, jax.random.key(0))
+    assert not np.any(np.asarray(params["embed"])[517:])
+    assert not np.any(np.asarray(params["lm_head"])[:, 517:])
+    assert np.all(np.asarray(params["embed"])[:517].std(axis=1) > 0)
+    with pytest.raises(UserError, match=r"the vocabulary \(517 tokens, padded to 640, a multiple "
+                                        r"of 128\) is not divisible by tensor=3"):
+        check_model_fits(odd.replace(num_attention_heads=6, head_dim=16, num_key_value_heads=3),
+                         make_mesh("tensor=3"), INFER_RULES)
 
 
 def test_other_dims_that_do_not_divide():

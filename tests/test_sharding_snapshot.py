@@ -15,13 +15,14 @@ from jax.sharding import AbstractMesh, AxisType
 from meditron_jax.config import preset
 from meditron_jax.kvcache import KVCache
 from meditron_jax.model import abstract_params, logical_axes
-from sharding import INFER_RULES, MESH_AXES, TRAIN_RULES, describe, parse_mesh_spec
+from sharding import INFER_RULES, MESH_AXES, TRAIN_RULES, cache_heads, describe, parse_mesh_spec
 
 SNAPSHOT = os.path.join(os.path.dirname(__file__), "snapshots", "sharding_meditron3-8b.txt")
 MODEL = "meditron3-8b"
-# Reference meshes: a 128-chip training pod and a 32-chip serving slice (no devices
-# needed: AbstractMesh).
-CASES = ((TRAIN_RULES, "data=2,fsdp=16,tensor=4"), (INFER_RULES, "data=2,fsdp=2,tensor=8"))
+# Reference meshes: a 128-chip training pod, a 32-chip serving slice, and tensor=16,
+# which the 8 KV heads do not fill (no devices needed: AbstractMesh).
+CASES = ((TRAIN_RULES, "data=2,fsdp=16,tensor=4"), (INFER_RULES, "data=2,fsdp=2,tensor=8"),
+         (INFER_RULES, "data=2,tensor=16"))
 CACHE_BATCH, CACHE_LEN = 64, 8192
 
 
@@ -38,17 +39,19 @@ def render() -> str:
     is_axes = lambda x: isinstance(x, tuple)  # noqa: E731
     for rules, spec in CASES:
         mesh = abstract_mesh(spec)
+        rules = rules.for_model(cfg, mesh)
         lines += ["", f"[{rules.name}] mesh {describe(mesh)}"]
         entries = [(name, leaf.shape, axes) for (name, leaf), axes in zip(
             _named_leaves(abstract_params(cfg)),
             jax.tree.leaves(logical_axes(cfg), is_leaf=is_axes))]
-        if rules is INFER_RULES:
-            cache = jax.eval_shape(lambda: KVCache.init(cfg, CACHE_BATCH, CACHE_LEN))
+        if rules.name == INFER_RULES.name:
+            heads = cache_heads(cfg, mesh, rules)
+            cache = jax.eval_shape(lambda: KVCache.init(cfg, CACHE_BATCH, CACHE_LEN, heads=heads))
             entries += [("cache/" + name, leaf.shape, axes) for (name, leaf), axes in zip(
                 _named_leaves(cache), jax.tree.leaves(KVCache.logical_axes(), is_leaf=is_axes))]
         for name, shape, axes in entries:
             sharding = rules.sharding(mesh, axes)
-            lines.append(f"{name:<18} {_dims(shape):<22} {'(' + ', '.join(map(str, axes)) + ')':<42}"
+            lines.append(f"{name:<18} {_dims(shape):<23} {'(' + ', '.join(map(str, axes)) + ')':<45}"
                          f" {str(tuple(sharding.spec)):<38} shard {_dims(sharding.shard_shape(shape))}")
     return "\n".join(lines) + "\n"
 

@@ -90,3 +90,31 @@ def test_missing_or_bad_tokenizer_is_one_line_error(tmp_path):
     (tmp_path / "tokenizer.model").write_text("IQ== 0\nIg== 1\n")  # tiktoken format
     with pytest.raises(UserError, match="not a sentencepiece model"):
         Tokenizer.from_dir(tmp_path)
+
+
+@pytest.mark.parametrize("tokenizer_class,add_bos_token,bos", [
+    ("GPT2Tokenizer", None, False),              # SmolLM2 as published
+    ("PreTrainedTokenizerFast", True, False),    # a generic class never edits the template
+])
+def test_bos_where_the_tokenizer_json_adds_none(tmp_path, tokenizer_class, add_bos_token, bos):
+    """A byte-level BPE without a bos post-processor: no bos, as transformers' AutoTokenizer
+    encodes it, whatever add_bos_token says (bos comes from tokenizer.json's template)."""
+    import json
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(TEXTS[:6] * 4, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    config = {"tokenizer_class": tokenizer_class, "bos_token": "<|endoftext|>",
+              "eos_token": "<|endoftext|>"}
+    if add_bos_token is not None:
+        config["add_bos_token"] = add_bos_token
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    ours, theirs = Tokenizer.from_dir(str(tmp_path)), AutoTokenizer.from_pretrained(str(tmp_path))
+    for text in TEXTS[:3]:
+        assert ours.encode(text) == theirs(text)["input_ids"], text
+    assert (ours.encode("fever")[0] == ours.bos_id) == bos

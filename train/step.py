@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 from meditron_jax import cpu_gemm
 from meditron_jax.config import LlamaConfig
 from meditron_jax.lora import LoraConfig, init_lora, lora_logical_axes
-from meditron_jax.model import abstract_params, forward
+from meditron_jax.model import abstract_params, forward, mask_padded_vocab
 from sharding import (activation_constrainer, batch_sharding, check_batch, derived_shardings,
                       param_shardings, replicated, tree_shardings)
 from sharding.rules import Rules
@@ -67,15 +67,20 @@ def chunked_loss_sums(params, hidden, targets, weights, cfg: LlamaConfig, chunk:
     computed in the forward pass while its logits are alive (:func:`_head_nll`), so the
     head is applied three times per chunk, not four as with recomputed logits.
     ``head_grad=False`` (LoRA: the head is frozen) skips the head's gradient.
+    Padded vocabulary columns are masked out of every logsumexp, so their softmax
+    weight and hence the gradient of the padded head/embedding rows is exactly zero
+    (they stay zero under AdamW with weight decay).
     """
     t = hidden.shape[1]
     chunk = math.gcd(t, min(chunk, t))
     tied = cfg.tie_word_embeddings
     if cpu_gemm.resolve(matmul_impl) == "blas" and hidden.dtype == jnp.float32:
         # oneMKL reads a tied head as the [V, D] embedding itself (no transposed copy)
-        head = _Head(params["embed"] if tied else params["lm_head"], tied, "blas")
+        head = _Head(params["embed"] if tied else params["lm_head"], tied, "blas",
+                     cfg.vocab_size)
     else:
-        head = _Head(params["embed"].T if tied else params["lm_head"], False, "xla")
+        head = _Head(params["embed"].T if tied else params["lm_head"], False, "xla",
+                     cfg.vocab_size)
     nll = _head_nll(hidden, head.w.astype(hidden.dtype), targets, weights, chunk, head_grad,
                     head.static)
     return nll, jnp.sum(weights)
@@ -84,14 +89,16 @@ def chunked_loss_sums(params, hidden, targets, weights, cfg: LlamaConfig, chunk:
 @dataclasses.dataclass(frozen=True)
 class _Head:
     """The head's three products on [M, D] rows: ``w`` is [D, V], or [V, D] when
-    ``transposed`` (a tied embedding under oneMKL); ``impl`` is "xla" or "blas"."""
+    ``transposed`` (a tied embedding under oneMKL); ``impl`` is "xla" or "blas";
+    ``vocab`` the true vocabulary (V may be padded beyond it)."""
     w: Any
     transposed: bool
     impl: str
+    vocab: int
 
     @property
-    def static(self) -> tuple[bool, str]:
-        return self.transposed, self.impl
+    def static(self) -> tuple[bool, str, int]:
+        return self.transposed, self.impl, self.vocab
 
     def logits(self, h):                       # [B, C, D] -> [B, C, V] float32
         if self.impl == "xla":
@@ -129,7 +136,7 @@ def _merge_chunks(x):
 
 def _chunk_logits(h, head: _Head, tgt):
     """Per-position (logits [B,C,V] f32, logsumexp [B,C], NLL [B,C]) of one chunk."""
-    logits = head.logits(h)
+    logits = mask_padded_vocab(head.logits(h), head.vocab)
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
     return logits, lse, lse - picked
@@ -267,7 +274,8 @@ def state_shardings(cfg: LlamaConfig, abstract: TrainState, mesh: Mesh, rules: R
                     lora: LoraConfig | None = None) -> TrainState:
     """Params by their logical axes; Adam moments like their params; scalars replicated."""
     base = param_shardings(cfg, mesh, rules)
-    trained = base if lora is None else tree_shardings(lora_logical_axes(cfg, lora), mesh, rules)
+    trained = base if lora is None else tree_shardings(lora_logical_axes(cfg, lora), mesh,
+                                                       rules.for_model(cfg, mesh))
     return TrainState(
         step=replicated(mesh),
         params=trained,
