@@ -7,16 +7,22 @@ swaps it in at the end: with Linux ``renameat2(RENAME_EXCHANGE)`` the swap is on
 atomic step; elsewhere the old directory is first renamed to ``.NAME.old``, and the next
 writer puts it back if a crash fell between the two renames. The staging name is
 fixed, not per-process, so every host of a multi-host save agrees on it; it also means
-one writer per destination at a time.
+one writer per destination at a time, which ``locked`` enforces across processes.
 """
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
+import fcntl
 import json
+import logging
 import os
 import shutil
+import socket
 from typing import IO, Callable, Iterator
+
+from meditron_jax.errors import UserError
 
 
 def _fsync_dir(path: str) -> None:
@@ -129,3 +135,66 @@ def _exchange(a: str, b: str) -> bool:
     renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     at_fdcwd, rename_exchange = -100, 2
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+# ---- one writer per destination -----------------------------------------------------------
+@contextlib.contextmanager
+def locked(dest: str | os.PathLike) -> Iterator[None]:
+    """Hold ``dest`` (a file or directory about to be written) for the block: a second
+    holder, in any process on any host sharing the file system, gets a UserError at once
+    naming the first one's pid and host.
+
+    The lock is ``flock`` on ``.NAME.lock`` beside ``dest``, released by the kernel
+    however the holder ends (SIGKILL included), so it is never stale; the file itself is
+    removed on release. Missing parent directories are created. Not re-entrant: take it
+    once per destination. On a file system without ``flock`` (some Lustre mounts) it
+    logs a warning and the block runs unguarded.
+    """
+    dest = os.path.abspath(os.fspath(dest))
+    path = _aside(dest, "lock")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise UserError(f"{dest} is being written by {holder} (lock {path}); wait for it "
+                            "to finish or write elsewhere") from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                os.close(fd)
+                raise
+            logging.getLogger(__name__).warning(
+                "%s: the file system cannot lock (%s); nothing stops a second writer", path,
+                exc.strerror)
+            break
+        except BaseException:
+            os.close(fd)
+            raise
+        if _same_file(fd, path):
+            break
+        os.close(fd)  # the previous holder removed the file while we opened it: retry
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)  # still held: no one can take the lock on a removed file
+        os.close(fd)
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+# ---- file-system errors as one line -------------------------------------------------------
+def os_error_line(exc: OSError) -> str:
+    """``PATH: reason`` for an OSError (its file, then its strerror or message)."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    return f"{where}{exc.strerror or exc}"

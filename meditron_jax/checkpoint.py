@@ -6,6 +6,8 @@ Layout of a checkpoint directory::
     params/                an Orbax PyTree checkpoint of the params tree (OCDBT)
     tokenizer.json ...     copied from the source, when present
     generation_config.json
+    checksums.json         size and CRC-32 of every other file, written last
+                           (:mod:`meditron_jax.checksums`)
 
 ``params/`` is a plain Orbax checkpoint (``ocp.PyTreeCheckpointer().restore`` reads it
 without this code). Restores go straight into the target shardings: Orbax reads only
@@ -13,19 +15,26 @@ the chunks each process's devices hold, so a checkpoint saved on one mesh restor
 onto any other. Conversion writes parameters as :class:`StreamedArray` leaves, which a
 small Orbax type handler writes block by block (chunks = the blocks of
 :mod:`meditron_jax.tensor_blocks`), so converting never holds a whole tensor.
+
+Loads first check every file against ``checksums.json`` (``verify=False`` skips it; a
+checkpoint from before checksums loads with one warning line), and storage errors (a
+truncated chunk, a full or read-only disk) are one UserError line naming the file.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
+import re
 import shutil
 from typing import Callable, Iterator
 
 import jax
 import numpy as np
 
-from meditron_jax import atomic
+from meditron_jax import atomic, checksums
 from meditron_jax.config import LlamaConfig
 from meditron_jax.errors import UserError
 from meditron_jax.model import abstract_params
@@ -37,6 +46,7 @@ PARAMS_DIR = "params"
 FORMAT, VERSION = "meditron-jax", 1
 # Copied verbatim between checkpoint kinds when present.
 SIDE_FILES = TOKENIZER_FILES + ("generation_config.json", "chat_template.jinja", "added_tokens.json")
+_log = logging.getLogger(__name__)
 
 
 # ---- config -------------------------------------------------------------------------------
@@ -121,6 +131,74 @@ def _registry():
     return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
 
 
+# ---- storage errors -----------------------------------------------------------------------
+# Tensorstore reports storage failures as ValueError("STATUS: message"); a failing file
+# operation's errno, when there is one, ends the message as [os_error_code='28'].
+_TS_STATUS = re.compile(r"^[A-Z_]+: ")
+_TS_OS_ERROR = re.compile(r'"([^"]+)": [^"]*\[os_error_code=\'(\d+)\'\]')
+_DAMAGED = "the checkpoint is truncated or damaged"
+
+
+def _as_user_error(exc: BaseException, prefix: str, hint: str) -> UserError | None:
+    """The exception chain's storage failure as one line: the failing file and reason of
+    an OSError or a tensorstore error; our own UserError (raised in an Orbax worker
+    thread) as it is; None for any other error (a bug: keep its traceback)."""
+    for e in _chain(exc):
+        if isinstance(e, UserError):
+            return e
+        if isinstance(e, OSError):
+            cause = atomic.os_error_line(e)
+        elif isinstance(e, ValueError) and _TS_STATUS.match(str(e)):
+            found = _TS_OS_ERROR.search(str(e))
+            cause = (f"{found.group(1)}: {os.strerror(int(found.group(2)))}" if found
+                     else _TS_STATUS.sub("", str(e), count=1))
+        else:
+            continue
+        return UserError(f"{prefix}: {cause}{'; ' + hint if hint else ''}")
+    return None
+
+
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+@contextlib.contextmanager
+def storage_errors(prefix: str, hint: str = "") -> Iterator[None]:
+    """A storage failure inside the block (an OSError, or tensorstore's errors however
+    Orbax wraps them) becomes one UserError line, ``PREFIX: FILE: reason; HINT``;
+    Orbax's ERROR logs of the same failure from its worker threads are held back."""
+    absl, quiet = logging.getLogger("absl"), _OrbaxThreadFailures()  # one per block: they nest
+    absl.addFilter(quiet)
+    try:
+        yield
+    except Exception as exc:
+        error = _as_user_error(exc, prefix, hint)
+        if error is None:
+            raise
+        raise error from None
+    finally:
+        absl.removeFilter(quiet)
+
+
+class _OrbaxThreadFailures(logging.Filter):
+    """Drops Orbax's log of an exception in a worker thread (re-raised in the caller)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "_SignalingThread.run() raised an exception" not in record.getMessage()
+
+
+def check_files(path: str, verify: bool = True) -> None:
+    """Every file of the checkpoint against its ``checksums.json`` (nothing when not
+    ``verify``); a checkpoint from before checksums gets one warning line."""
+    if verify and not checksums.verify(path):
+        _log.warning("%s: no %s (written before checksums); loading it unverified",
+                     path, checksums.MANIFEST)
+
+
 # ---- save / restore -----------------------------------------------------------------------
 def _check_tree(tree, cfg: LlamaConfig, where: str) -> None:
     """Same paths and shapes as the model's declaration; names what differs."""
@@ -156,7 +234,8 @@ def save_params(path: str | os.PathLike, cfg: LlamaConfig, params, *,
     """Write a native checkpoint atomically (an existing one at ``path`` is replaced
     only once the new one is complete). ``params`` leaves are jax Arrays (any
     sharding; every process calls this) or :class:`StreamedArray`. Tokenizer and
-    generation files are copied from ``source_dir`` when given."""
+    generation files are copied from ``source_dir`` when given; ``checksums.json``
+    comes last. A storage error (disk full, no permission) is a one-line UserError."""
     path = os.path.abspath(os.fspath(path))
     _check_tree(params, cfg, path)
     streamed = [isinstance(x, StreamedArray) for x in jax.tree.leaves(params)]
@@ -165,10 +244,12 @@ def save_params(path: str | os.PathLike, cfg: LlamaConfig, params, *,
     lead = jax.process_index() == 0
     barrier = _barrier if jax.process_count() > 1 else None
     with atomic.staged_dir(path, lead=lead, barrier=barrier) as staging:
-        _registry().save(os.path.join(staging, PARAMS_DIR), args=_save_args(params))
-        if lead:
-            atomic.write_json(os.path.join(staging, CONFIG_FILE), config_json(cfg))
-            copy_side_files(os.fspath(source_dir) if source_dir else None, staging)
+        with storage_errors(f"writing {path}"):
+            _registry().save(os.path.join(staging, PARAMS_DIR), args=_save_args(params))
+            if lead:
+                atomic.write_json(os.path.join(staging, CONFIG_FILE), config_json(cfg))
+                copy_side_files(os.fspath(source_dir) if source_dir else None, staging)
+                checksums.write(staging)  # last: every process's shards are complete
 
 
 def _save_args(params):
@@ -195,15 +276,16 @@ def _orbax_metadata(params_dir: str) -> dict:
     return {_name(p): (tuple(m.shape), np.dtype(m.dtype)) for p, m in leaves}
 
 
-def restore_params(path: str | os.PathLike, *, shardings=None, dtype=None):
+def restore_params(path: str | os.PathLike, *, shardings=None, dtype=None, verify: bool = True):
     """``(cfg, params)`` from a native checkpoint, each array in its target sharding.
 
     ``shardings(cfg)`` gives the target tree (default: the first local device);
-    ``dtype`` casts on read (default: as stored).
+    ``dtype`` casts on read (default: as stored); ``verify=False`` skips the checksums.
     """
     import orbax.checkpoint as ocp
     path = os.path.abspath(os.fspath(path))
     cfg = read_config(path)
+    check_files(path, verify)
     params_dir = os.path.join(path, PARAMS_DIR)
     stored = _orbax_metadata(params_dir)
     _check_tree(_unflatten(stored), cfg, path)
@@ -216,7 +298,9 @@ def restore_params(path: str | os.PathLike, *, shardings=None, dtype=None):
         return ocp.ArrayRestoreArgs(sharding=sharding, global_shape=shape,
                                     dtype=np.dtype(dtype) if dtype is not None else stored_dtype)
     restore_args = jax.tree_util.tree_map_with_path(args, targets)
-    params = _registry().restore(params_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    with storage_errors(f"reading {params_dir}", _DAMAGED):
+        params = _registry().restore(params_dir,
+                                     args=ocp.args.PyTreeRestore(restore_args=restore_args))
     return cfg, params
 
 
@@ -236,10 +320,11 @@ class NativeReader:
     """Reads blocks of a native checkpoint's parameters (tensorstore slices of the
     Orbax arrays), so an export never holds a whole stacked parameter."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, verify: bool = True):
         import orbax.checkpoint as ocp
         self.path = os.path.abspath(os.fspath(path))
         self.cfg = read_config(self.path)
+        check_files(self.path, verify)
         self._dir = os.path.join(self.path, PARAMS_DIR)
         self.stored = _orbax_metadata(self._dir)
         _check_tree(_unflatten(self.stored), self.cfg, self.path)
@@ -252,7 +337,8 @@ class NativeReader:
         return self.stored[".".join(p.path)][1]
 
     def read(self, p: TensorPlan, index: Index) -> np.ndarray:
-        return self._store(".".join(p.path))[index].read().result()
+        with storage_errors(f"reading {self._dir}", _DAMAGED):
+            return self._store(".".join(p.path))[index].read().result()
 
     def _store(self, name: str):
         if name not in self._open:

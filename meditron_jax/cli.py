@@ -97,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"meditron-jax {first}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a file-system error no command turned into its own line
+        from meditron_jax.atomic import os_error_line
+        print(f"meditron-jax {first}: error: {os_error_line(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"meditron-jax {first}: interrupted", file=sys.stderr)
         return 130

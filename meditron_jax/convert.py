@@ -7,11 +7,14 @@ Both read the source through one interface (``cfg``, ``dtype_of(plan)``,
 ``read(plan, index)``), implemented by :class:`~meditron_jax.hf_io.HFSnapshot`,
 :class:`~meditron_jax.checkpoint.NativeReader` and, after a LoRA merge, an in-memory
 tree; every source is checked whole before a byte is written. Outputs are staged next
-to the destination and swapped in only when complete (:mod:`meditron_jax.atomic`).
+to the destination and swapped in only when complete (:mod:`meditron_jax.atomic`),
+under a lock that refuses a second writer to the same ``--out``; file-system errors
+(a read-only or full disk) are one line, and the destination stays as it was.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import dataclasses
 import json
@@ -19,11 +22,12 @@ import os
 import resource
 import sys
 import time
+from typing import Iterator
 
 import jax.numpy as jnp
 import numpy as np
 
-from meditron_jax import checkpoint, hf_io
+from meditron_jax import atomic, checkpoint, hf_io
 from meditron_jax.atomic import staged_dir
 from meditron_jax.config import LlamaConfig
 from meditron_jax.errors import UserError
@@ -101,10 +105,10 @@ class Progress:
 
 
 # ---- sources ------------------------------------------------------------------------------
-def open_source(path: str | os.PathLike):
+def open_source(path: str | os.PathLike, verify: bool = True):
     path = os.fspath(path)
     if directory_kind(path) == "native":
-        return checkpoint.NativeReader(path)
+        return checkpoint.NativeReader(path, verify)
     return hf_io.HFSnapshot.open(path)
 
 
@@ -143,17 +147,41 @@ def _merge_lora(source, lora_dir: str) -> InMemorySource:
     return InMemorySource(source.cfg, load_and_merge(params, source.cfg, lora_dir))
 
 
-# ---- destination checks -------------------------------------------------------------------
+# ---- destination --------------------------------------------------------------------------
+@contextlib.contextmanager
+def writing(model: str, out: str, kind: str, overwrite: bool) -> Iterator[None]:
+    """Hold ``out`` for one conversion: checked writable before any work, locked against
+    a second writer until the end (:func:`meditron_jax.atomic.locked`), and a
+    file-system error inside is one line; the old checkpoint stays until the end."""
+    check_writable(out)
+    with checkpoint.storage_errors(f"writing {out}"), atomic.locked(out):
+        check_destination(model, out, kind, overwrite)
+        yield
+
+
+def check_writable(out: str) -> None:
+    """``out`` is (or can be made) a directory we may write: its nearest existing
+    ancestor is a writable directory, and so is ``out`` itself when it exists."""
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out} exists and is not a directory; choose another path")
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"--out {out}: {parent} is not a directory")
+    for path in (parent, out) if os.path.isdir(out) else (parent,):
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            raise UserError(f"--out {out}: {path} is on a read-only file system")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise UserError(f"--out {out}: {path} is not writable (permission denied)")
+
+
 def check_destination(model: str, out: str, kind: str, overwrite: bool) -> None:
     """Refuse to clobber anything but a checkpoint of the kind we write, and that only
     with ``overwrite``; the old one stays in place until the new one is complete."""
     if os.path.exists(out) and os.path.realpath(out) == os.path.realpath(model):
         raise UserError(f"--out {out} is the --model directory; write to a new directory")
-    if not os.path.lexists(out):
-        return
-    if not os.path.isdir(out):
-        raise UserError(f"--out {out} exists and is not a directory; choose another path")
-    if not os.listdir(out):
+    if not os.path.lexists(out) or not os.listdir(out):
         return
     marker = checkpoint.CONFIG_FILE if kind == "native" else "config.json"
     if not os.path.exists(os.path.join(out, marker)):
@@ -170,11 +198,19 @@ def _out_dtype(source, p: TensorPlan, dtype) -> np.dtype:
 
 # ---- HF/native -> native ------------------------------------------------------------------
 def convert_to_native(model: str, out: str, *, dtype: str | None = None, overwrite: bool = False,
-                      quiet: bool = False, block_bytes: int = BLOCK_BYTES) -> Result:
+                      quiet: bool = False, verify: bool = True,
+                      block_bytes: int = BLOCK_BYTES) -> Result:
+    """``model`` (HF or native; ``verify``: check a native one's checksums first) -> a
+    native checkpoint at ``out``, held as :func:`writing` says."""
+    with writing(model, out, "native", overwrite):
+        return _convert_to_native(model, out, dtype, quiet, verify, block_bytes)
+
+
+def _convert_to_native(model: str, out: str, dtype: str | None, quiet: bool, verify: bool,
+                       block_bytes: int) -> Result:
     start = time.time()
-    check_destination(model, out, "native", overwrite)
     _unmap_freed_blocks()
-    source = open_source(model)
+    source = open_source(model, verify)
     plans = plan(source.cfg, block_bytes)
     dtypes = {p.path: _out_dtype(source, p, dtype) for p in plans}
     total = sum(int(np.prod(p.shape)) * dtypes[p.path].itemsize for p in plans)
@@ -206,14 +242,21 @@ def convert_to_native(model: str, out: str, *, dtype: str | None = None, overwri
 # ---- HF/native -> HF ----------------------------------------------------------------------
 def export_to_hf(model: str, out: str, *, dtype: str | None = None, max_shard_size="5GB",
                  lora: str | None = None, overwrite: bool = False, quiet: bool = False,
-                 block_bytes: int = BLOCK_BYTES) -> Result:
-    start = time.time()
+                 verify: bool = True, block_bytes: int = BLOCK_BYTES) -> Result:
+    """``model`` (HF or native; ``verify``: check a native one's checksums first), with
+    ``lora`` merged when given -> an HF snapshot at ``out``, held as :func:`writing` says."""
     limit = hf_io.parse_size(max_shard_size)
-    check_destination(model, out, "hf", overwrite)
+    with writing(model, out, "hf", overwrite):
+        return _export_to_hf(model, out, dtype, limit, lora, quiet, verify, block_bytes)
+
+
+def _export_to_hf(model: str, out: str, dtype: str | None, limit: int, lora: str | None,
+                  quiet: bool, verify: bool, block_bytes: int) -> Result:
+    start = time.time()
     _unmap_freed_blocks()
     if lora is not None and not os.path.isdir(lora):
         raise UserError(f"--lora {lora}: no such directory")
-    source = open_source(model)
+    source = open_source(model, verify)
     if lora is not None:
         source = _merge_lora(source, lora)
     cfg = source.cfg
@@ -221,7 +264,7 @@ def export_to_hf(model: str, out: str, *, dtype: str | None = None, max_shard_si
     dtypes = {p.path: _out_dtype(source, p, dtype) for p in plans}
 
     def blocks(p: TensorPlan, layer: int | None):
-        for index in p.layer_blocks():
+        for index in p.hf_blocks():  # HF tensors hold the true vocabulary, not our padding
             if p.stacked:
                 block = source.read(p, (slice(layer, layer + 1), *index))[0]
             else:

@@ -22,6 +22,7 @@ def run(args: argparse.Namespace) -> int:
     from meditron_jax.convert import export_to_hf
     result = export_to_hf(args.model, args.out, dtype=args.dtype,
                           max_shard_size=args.max_shard_size, lora=args.lora,
-                          overwrite=args.overwrite, quiet=args.quiet)
+                          overwrite=args.overwrite, quiet=args.quiet,
+                          verify=not args.no_verify)
     print(result.line(), flush=True)
     return 0

@@ -7,6 +7,8 @@ requested shardings), the tokenizer when present, and the generation config.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
+import hashlib
 import os
 from typing import Callable
 
@@ -17,6 +19,11 @@ from meditron_jax.jsonl import read_json_file
 from meditron_jax.tokenizer import Tokenizer
 
 ShardingsFn = Callable[[LlamaConfig], object]
+
+# Checkpoint files read whole for the fingerprint (configs, tokenizer, checksum manifests);
+# weight files by their size and FINGERPRINT_SAMPLES evenly spaced 4 KiB blocks.
+FINGERPRINT_CONTENT = ("*.json", "*.jinja", "tokenizer.model", "*checksum*", "*sha256*")
+FINGERPRINT_SAMPLES = 16
 
 
 @dataclasses.dataclass
@@ -66,20 +73,54 @@ def load_tokenizer(path: str) -> Tokenizer | None:
 
 
 def load_model(path: str | os.PathLike, *, shardings: ShardingsFn | None = None,
-               dtype=None) -> LoadedModel:
+               dtype=None, verify: bool = True) -> LoadedModel:
     """Load config, params, tokenizer and generation config from ``path``.
 
     ``shardings(cfg)`` returns the target sharding tree for the params (from
     ``sharding.param_shardings``); without it the params land on the default device.
-    ``dtype`` casts the weights (default: as stored).
+    ``dtype`` casts the weights (default: as stored). A native checkpoint's files are
+    first checked against its checksums (``verify=False``: not).
     """
     path = os.fspath(path)
     kind = directory_kind(path)
     if kind == "native":
         from meditron_jax import checkpoint
-        cfg, params = checkpoint.restore_params(path, shardings=shardings, dtype=dtype)
+        cfg, params = checkpoint.restore_params(path, shardings=shardings, dtype=dtype,
+                                                verify=verify)
     else:
         from meditron_jax import hf_io
         cfg, params = hf_io.load_hf_params(path, shardings=shardings, dtype=dtype)
     return LoadedModel(cfg=cfg, params=params, tokenizer=load_tokenizer(path),
                        generation_config=read_generation_config(path), path=path, kind=kind)
+
+
+def model_fingerprint(path: str) -> str:
+    """A stable hash of what a checkpoint computes, cheap at any size: its config,
+    generation config, tokenizer and any checksum manifest by content; its weight files
+    (``*.safetensors``, the files under a native ``params/``) by name, size and a sample
+    of their bytes (64 KiB a file: two fine-tunes of one model have the same sizes).
+    Hidden files and documentation do not count, nor where the checkpoint lives."""
+    from meditron_jax.checkpoint import PARAMS_DIR
+    directory_kind(path)
+    digest = hashlib.sha256()
+    for root, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(f for f in files if not f.startswith(".")):
+            file = os.path.join(root, name)
+            rel = os.path.relpath(file, path)
+            if any(fnmatch.fnmatch(name.lower(), p) for p in FINGERPRINT_CONTENT):
+                with open(file, "rb") as f:
+                    digest.update(f"{rel}\0{hashlib.sha256(f.read()).hexdigest()}\n".encode())
+            elif name.endswith(".safetensors") or rel.startswith(PARAMS_DIR + os.sep):
+                digest.update(f"{rel}\0{_sampled_digest(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def _sampled_digest(file: str, block: int = 4096) -> str:
+    size = os.path.getsize(file)
+    digest = hashlib.sha256(str(size).encode())
+    with open(file, "rb") as f:
+        for i in range(FINGERPRINT_SAMPLES):
+            f.seek(size * i // FINGERPRINT_SAMPLES)
+            digest.update(f.read(block))
+    return digest.hexdigest()

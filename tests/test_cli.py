@@ -80,3 +80,15 @@ def test_bad_model_paths_are_one_line_errors(name, tmp_path, capsys):
         assert len(err.strip().splitlines()) == 1, err
         assert "Traceback" not in err
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_an_os_error_no_command_caught_is_one_line(monkeypatch, capsys):
+    import errno
+    import infer.score_cli
+
+    def full_disk(args):
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/out.jsonl")
+    monkeypatch.setattr(infer.score_cli, "run", full_disk)
+    assert main(["score", "--model", "m", "--input", "i", "--out", "o"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["meditron-jax score: error: /data/out.jsonl: No space left on device"]

@@ -18,15 +18,18 @@ from safetensors.numpy import load_file, save_file
 
 from meditron_jax import checkpoint, cli, hf_io
 from meditron_jax.convert import convert_to_native, export_to_hf
+from meditron_jax.errors import UserError
 from meditron_jax.loading import load_model
 from tests import hf_fixtures
 
 
 def _tokenizer_files(path) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(40)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
     tok.save(os.path.join(path, "tokenizer.json"))
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
         json.dump({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}, f)
@@ -272,9 +275,9 @@ def test_failure_midway_leaves_destination_and_no_partial(hf_single, good_native
             raise OSError("disk read failed")
         return real(self, p, index)
     monkeypatch.setattr(hf_io.HFSnapshot, "read", flaky)
-    with pytest.raises(Exception, match="disk read failed"):
+    with pytest.raises(UserError, match="disk read failed"):  # one line, not a traceback
         convert_to_native(hf_single[0], str(dest), overwrite=True, quiet=True)
-    with pytest.raises(OSError, match="disk read failed"):
+    with pytest.raises(UserError, match="disk read failed"):
         calls.clear()
         export_to_hf(hf_single[0], str(tmp_path / "hf"), quiet=True)
     assert tree_digest(dest) == before and sorted(os.listdir(tmp_path)) == ["dest"]

@@ -1,5 +1,6 @@
 """The conversion command as a real process: its peak memory on a checkpoint of several
-hundred MB, and a SIGKILL midway that leaves the destination's good checkpoint intact
+hundred MB, a second conversion into the same --out refused while the first runs, and a
+SIGKILL midway that leaves the destination's good checkpoint intact (and no stale lock)
 and a re-run that completes correctly."""
 from __future__ import annotations
 
@@ -117,6 +118,8 @@ def test_peak_rss_is_near_one_block_not_the_model(synthetic, tiny_hf_dir, tmp_pa
 
 
 def test_killed_conversion_keeps_old_checkpoint_and_rerun_completes(synthetic, tiny_hf_dir, tmp_path):
+    """Stopped midway (SIGSTOP: it still holds --out), a second conversion into the same
+    --out is refused in one line naming it; then SIGKILL, and the re-run completes."""
     src, _ = synthetic
     dest = str(tmp_path / "ckpt")
     convert_to_native(tiny_hf_dir, dest, quiet=True)  # the good checkpoint already there
@@ -130,6 +133,11 @@ def test_killed_conversion_keeps_old_checkpoint_and_rerun_completes(synthetic, t
             assert proc.poll() is None, "conversion ended before it could be killed"
             assert time.time() < deadline, "conversion wrote nothing"
             time.sleep(0.05)
+        proc.send_signal(signal.SIGSTOP)
+        code, out = _finish(_start(tiny_hf_dir, dest))
+        assert code == 2 and len(out.strip().splitlines()) == 1, out
+        assert re.match(rf"meditron-jax convert: error: {re.escape(dest)} is being written by "
+                        rf"pid {proc.pid} on ", out), out
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.kill()
