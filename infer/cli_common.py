@@ -1,14 +1,17 @@
 """What the inference commands (generate, score, eval) share: model, mesh and batch
-options, and loading the weights straight into the inference shardings."""
+options, loading the weights straight into the inference shardings, and a sweep's
+``--out``: checked, and its settings recorded, before the model loads."""
 from __future__ import annotations
 
 import argparse
+import os
 
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from infer.sweep import SETTINGS_SUFFIX, ResumableOutput
 from meditron_jax.errors import UserError
-from meditron_jax.loading import LoadedModel, load_model
+from meditron_jax.loading import LoadedModel, load_model, model_fingerprint
 from sharding import INFER_RULES, check_batch, initialize_distributed, make_mesh, param_shardings
 
 DTYPES = {"auto": None, "float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -28,16 +31,66 @@ def add_model_arguments(parser: argparse.ArgumentParser, several: bool = False) 
                         help="rows run together (a multiple of the mesh's data axis)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
                         help="weight and compute dtype (auto: as stored in the checkpoint)")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="do not check a native checkpoint's files against its "
+                             "checksums.json before loading (~1 GB/s per core)")
 
 
-def load_for_inference(args: argparse.Namespace) -> tuple[LoadedModel, Mesh | None]:
-    """The mesh (checked against the batch before any weight is read) and the model
-    loaded into the inference shardings (kv heads vs tensor is checked on the config)."""
+def inference_mesh(args: argparse.Namespace) -> Mesh | None:
+    """Check the batch size, join the job (multi-process) and build the mesh, checked
+    against the batch: before any file is written or weight read."""
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     initialize_distributed()
     mesh = make_mesh(args.mesh) if args.mesh else None
     if mesh is not None:
         check_batch(args.batch_size, mesh, INFER_RULES)
+    return mesh
+
+
+def load_for_inference(args: argparse.Namespace,
+                       mesh: Mesh | None = None) -> tuple[LoadedModel, Mesh | None]:
+    """The mesh (``mesh``, else :func:`inference_mesh`) and the model loaded into the
+    inference shardings (kv heads vs tensor is checked on the config)."""
+    if mesh is None:
+        mesh = inference_mesh(args)
     shardings = None if mesh is None else (lambda cfg: param_shardings(cfg, mesh, INFER_RULES))
-    return load_model(args.model, shardings=shardings, dtype=DTYPES[args.dtype]), mesh
+    return load_model(args.model, shardings=shardings, dtype=DTYPES[args.dtype],
+                      verify=not getattr(args, "no_verify", False)), mesh
+
+
+# ---- sweep outputs ---------------------------------------------------------------------------
+# Options that never change a sweep's results: where it reads and writes, how the work is
+# laid out (mesh, batch, weight layout: equal results, tested), checks that only refuse.
+NOT_SETTINGS = frozenset({"model", "prompt", "prompts", "input", "out", "overwrite", "mesh",
+                          "batch_size", "weights_layout", "no_verify"})
+def add_sweep_output_arguments(parser: argparse.ArgumentParser, *, required: bool,
+                               without: str = "") -> None:
+    """``--out`` (``without``: what happens when it is not given) and ``--overwrite``."""
+    parser.add_argument("--out", required=required, metavar="FILE.jsonl",
+                        help="append results here; a rerun resumes, skipping ids already there, "
+                             f"under the same model and settings (kept in FILE.jsonl"
+                             f"{SETTINGS_SUFFIX}){without}")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start --out over: remove its results and settings (without it, "
+                             "results of another model or other settings are refused)")
+
+
+def sweep_settings(args: argparse.Namespace, command: str) -> dict:
+    """What a sweep's results depend on, which a resume must match: every option but
+    :data:`NOT_SETTINGS` (a new option counts until listed there), and the model by its
+    fingerprint rather than its path."""
+    options = {k: v for k, v in vars(args).items()
+               if k not in NOT_SETTINGS and not k.startswith("_")}
+    return {**options, "command": command, "model": model_fingerprint(args.model)}
+
+
+def open_sweep_output(args: argparse.Namespace, command: str, source: str) -> ResumableOutput:
+    """``--out`` opened for a sweep over the file ``source``, before the model loads:
+    not the input itself, a writable file, and results of other settings refused
+    (``--overwrite`` starts over). Call :func:`inference_mesh` first (it joins the job:
+    which process writes is known only then)."""
+    if os.path.exists(args.out) and os.path.samefile(args.out, source):
+        raise UserError(f"--out {args.out} is the input file; give another path for the results")
+    return ResumableOutput(args.out, settings=sweep_settings(args, command),
+                           overwrite=args.overwrite)

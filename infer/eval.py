@@ -18,7 +18,6 @@ resumes where it stopped and counts every item once.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from typing import Sequence
@@ -29,10 +28,10 @@ import numpy as np
 from infer.eval_tasks import TARGET_DELIMITER, Item, fewshot_context, pick_shots
 from infer.grouped_score import GroupedScorer, ScoreGroup
 from infer.score import encode_pair
-from infer.sweep import ResumableOutput, run_sweep
+from infer.sweep import ResumableOutput, check_settings, run_sweep
 from meditron_jax.atomic import write_json
-from meditron_jax.errors import UserError
 from meditron_jax.jsonl import read_jsonl
+from meditron_jax.loading import model_fingerprint
 
 Z95 = 1.959963984540054
 
@@ -111,28 +110,16 @@ def is_writer() -> bool:
     return jax.process_index() == 0
 
 
-def check_settings(path: str, settings: dict) -> None:
-    """Record what produces a results directory; refuse to mix in other settings."""
-    if not os.path.exists(path):
-        if is_writer():
-            write_json(path, settings)
-        return
-    with open(path, encoding="utf-8") as f:
-        previous = json.load(f)
-    changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
-    if changed:
-        raise UserError(f"{os.path.dirname(path)} holds results of a run with other settings "
-                        f"({', '.join(changed)} differ); give another --out")
-
-
 def evaluate(scorer: GroupedScorer, tokenizer, items: Sequence[Item], pool: Sequence[Item],
              spec: EvalSpec, out_dir: str, *, model_path: str, chunk_items: int = 32) -> dict:
     """Score the items not yet in ``out_dir/items.jsonl`` (each chunk of
     ``chunk_items`` appended durably), then summarize all of them into ``summary.json``."""
     os.makedirs(out_dir, exist_ok=True)
-    check_settings(os.path.join(out_dir, "settings.json"),
-                   {**spec.describe(), "model": os.path.abspath(model_path)})
     items_path = os.path.join(out_dir, "items.jsonl")
+    check_settings(os.path.join(out_dir, "settings.json"),
+                   {**spec.describe(), "model": model_fingerprint(model_path)}, label=out_dir,
+                   hint="give another --out", has_results=os.path.exists(items_path),
+                   write=is_writer())
     by_index: dict[int, dict] = {}  # every item's record: earlier runs' and this one's
 
     def process(chunk: list[Item]) -> tuple[list[dict], int]:

@@ -3,11 +3,13 @@ over a JSONL file of prompts.
 
 Input lines: ``{"id": ..., "prompt": "text"}`` or ``{"id": ..., "prompt_ids": [ints]}``.
 Output lines: ``{"id", "completion", "completion_ids", "finish_reason"}``, appended as
-each batch finishes; rerunning after a kill skips ids already in ``--out``.
+each batch finishes; rerunning after a kill skips ids already in ``--out``, and only
+under the same model and settings (:func:`infer.cli_common.open_sweep_output`).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -16,7 +18,8 @@ from typing import Any
 
 import jax
 
-from infer.cli_common import add_model_arguments, load_for_inference
+from infer.cli_common import (add_model_arguments, add_sweep_output_arguments, inference_mesh,
+                               load_for_inference, open_sweep_output)
 from infer.engine import Completion, Generator, fit_prompt
 from infer.sampling import Sampling
 from infer.sweep import ResumableOutput, SweepStats, id_seed, read_requests, run_sweep
@@ -31,8 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                         "to the terminal")
     source.add_argument("--prompts", metavar="FILE.jsonl",
                         help='JSONL lines {"id", "prompt"} or {"id", "prompt_ids"}')
-    parser.add_argument("--out", metavar="FILE.jsonl",
-                        help="append results here (resumable); none: JSONL to stdout")
+    add_sweep_output_arguments(parser, required=False, without="; none: JSONL to stdout")
     parser.add_argument("--max-new-tokens", type=int, default=128, metavar="N",
                         help="tokens to generate per prompt (at most)")
     parser.add_argument("--temperature", type=float, default=0.0, metavar="T",
@@ -107,13 +109,23 @@ def run(args: argparse.Namespace) -> int:
     sampling = _sampling(args)
     if args.out and not args.prompts:
         raise UserError("--out goes with --prompts (a sweep); --prompt streams to the terminal")
+    if args.overwrite and not args.out:
+        raise UserError("--overwrite goes with --out")
     items = read_requests(args.prompts, parse_prompt) if args.prompts else [
         PromptItem(id=0, where="--prompt", text=args.prompt)]
     if args.prompt is not None and not args.prompt.strip():
         raise UserError("--prompt: empty prompt")
     if args.weights_layout == "decode" and args.mesh:
         raise UserError("--weights-layout decode runs on one device; drop --mesh")
-    model, mesh = load_for_inference(args)
+    mesh = inference_mesh(args)
+    with (open_sweep_output(args, "generate", args.prompts) if args.out
+          else contextlib.nullcontext()) as out:
+        return _generate(args, items, sampling, mesh, out)
+
+
+def _generate(args, items: list[PromptItem], sampling: Sampling, mesh,
+              out: ResumableOutput | None) -> int:
+    model, mesh = load_for_inference(args, mesh)
     if args.weights_layout == "decode" or (
             args.weights_layout == "auto" and mesh is None and jax.default_backend() == "cpu"):
         # the stacked arrays are freed as their per-layer copies appear
@@ -133,13 +145,8 @@ def run(args: argparse.Namespace) -> int:
         return [_record(it, c) for it, c in zip(batch, done)], sum(len(c.ids) for c in done)
 
     items.sort(key=lambda it: len(it.ids))  # similar lengths share a padding bucket
-    out = ResumableOutput(args.out) if args.out else None
-    try:
-        stats = run_sweep(items, key=lambda it: it.id, batch_size=args.batch_size,
-                          process=process, out=out, emit=None if out else _print_records)
-    finally:
-        if out is not None:
-            out.close()
+    stats = run_sweep(items, key=lambda it: it.id, batch_size=args.batch_size,
+                      process=process, out=out, emit=None if out else _print_records)
     print(stats.summary(), file=sys.stderr)
     return 0
 

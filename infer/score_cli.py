@@ -3,15 +3,17 @@
 Input lines: ``{"id", "context" | "context_ids", "continuation" | "continuation_ids"}``.
 Output lines: ``{"id", "logprob", "num_tokens", "greedy"}``: the sum of the
 continuation tokens' log-probabilities, their number, and whether each was the argmax.
+A rerun resumes only under the same model and settings (``--overwrite`` starts over).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from infer.cli_common import add_model_arguments, load_for_inference
+from infer.cli_common import (add_model_arguments, add_sweep_output_arguments, inference_mesh,
+                               load_for_inference, open_sweep_output)
 from infer.score import ScoreRequest, Scorer, encode_pair
-from infer.sweep import ResumableOutput, read_requests, run_sweep
+from infer.sweep import read_requests, run_sweep
 from meditron_jax.errors import UserError
 
 
@@ -20,8 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", required=True, metavar="FILE.jsonl",
                         help='JSONL lines {"id", "context"|"context_ids", '
                              '"continuation"|"continuation_ids"}')
-    parser.add_argument("--out", required=True, metavar="FILE.jsonl",
-                        help="append results here (resumable: ids already present are skipped)")
+    add_sweep_output_arguments(parser, required=True)
     parser.add_argument("--truncate-context", action="store_true",
                         help="drop the oldest context tokens of requests too long for the "
                              "model, instead of failing")
@@ -66,7 +67,13 @@ def to_request(parsed: tuple, tokenizer, model_path: str) -> ScoreRequest:
 
 def run(args: argparse.Namespace) -> int:
     parsed = read_requests(args.input, parse_request)
-    model, mesh = load_for_inference(args)
+    mesh = inference_mesh(args)
+    with open_sweep_output(args, "score", args.input) as out:
+        return _score(args, parsed, mesh, out)
+
+
+def _score(args: argparse.Namespace, parsed: list, mesh, out) -> int:
+    model, mesh = load_for_inference(args, mesh)
     scorer = Scorer(model, mesh=mesh, batch_size=args.batch_size)
     requests = [scorer.check(to_request(p, model.tokenizer, args.model),
                              truncate=args.truncate_context) for p in parsed]
@@ -79,8 +86,7 @@ def run(args: argparse.Namespace) -> int:
                     "greedy": r.greedy} for r in results]
         return records, sum(len(q.context_ids) + len(q.continuation_ids) for q in batch)
 
-    with ResumableOutput(args.out) as out:
-        stats = run_sweep(requests, key=lambda r: r.id, batch_size=args.batch_size,
-                          process=process, out=out)
+    stats = run_sweep(requests, key=lambda r: r.id, batch_size=args.batch_size,
+                      process=process, out=out)
     print(stats.summary("requests"), file=sys.stderr)
     return 0

@@ -4,8 +4,13 @@ Results are appended batch by batch (flush + fsync), so a kill loses at most the
 in flight. A rerun of the same command drops a torn last line, skips every id already
 in the output, and never writes an id twice. An exclusive lock on the output file
 keeps two runs from appending to it at once. On a multi-host run every process reads
-the output (all must agree on what is left to do: they run the same batches) and only
-process 0 writes it.
+the output (all must agree on what is left to do: they run the same batches: a shared
+file system is checked, not assumed) and only process 0 writes it.
+
+What produced the results (model fingerprint, sampling, ...: everything but how the
+run is laid out) is recorded beside them in ``OUT.settings.json`` before the first
+record; a rerun under other settings is refused, naming what differs, instead of
+skipping every id and serving the old results (``overwrite`` starts over).
 """
 from __future__ import annotations
 
@@ -18,9 +23,13 @@ import time
 from typing import Any, Callable, Iterable, Sequence
 
 import jax
+import numpy as np
 
+from meditron_jax.atomic import write_json
 from meditron_jax.errors import UserError
-from meditron_jax.jsonl import JsonlAppender, drop_torn_tail, read_jsonl
+from meditron_jax.jsonl import JsonlAppender, drop_torn_tail, read_json_file, read_jsonl
+
+SETTINGS_SUFFIX = ".settings.json"
 
 
 def id_key(value: Any) -> str:
@@ -61,30 +70,84 @@ def read_requests(path: str, parse: Callable[[dict, str], Any]) -> list:
     return items
 
 
+def check_settings(path: str, settings: dict, *, label: str, hint: str, has_results: bool,
+                   write: bool) -> None:
+    """Refuse to add to results made under other settings than ``settings`` (a one-line
+    error naming the keys that differ), or under unrecorded ones; otherwise record
+    ``settings`` in ``path`` (atomically, when ``write``: process 0). ``label`` names the
+    results, ``hint`` says what to do instead."""
+    settings = json.loads(json.dumps(settings))      # compare as the file will hold them
+    previous = read_json_file(path)
+    if previous == settings:
+        return
+    if has_results:
+        if not isinstance(previous, dict):
+            raise UserError(f"{label} holds results but no record of the settings that made "
+                            f"them (no {os.path.basename(path)}); {hint}")
+        changed = sorted(k for k in set(previous) | set(settings)
+                         if previous.get(k) != settings.get(k))
+        raise UserError(f"{label} holds results of a run with other settings "
+                        f"({', '.join(changed)} differ); {hint}")
+    if write:
+        write_json(path, settings)
+
+
 class ResumableOutput:
     """The append-only output of a sweep and the set of ids it already holds.
-    ``writer=None`` means "this is process 0"; a non-writer only reads."""
+    ``writer=None`` means "this is process 0"; a non-writer only reads. With
+    ``settings``, results of other settings are refused (see :func:`check_settings`);
+    ``overwrite`` removes the old results and their settings first."""
 
-    def __init__(self, path: str, writer: bool | None = None):
+    def __init__(self, path: str, writer: bool | None = None, *, settings: dict | None = None,
+                 overwrite: bool = False):
         self.path = path
+        self.settings_path = path + SETTINGS_SUFFIX
         self._appender = None
-        if writer if writer is not None else jax.process_index() == 0:
+        self.done: set[str] = set()
+        writer = jax.process_index() == 0 if writer is None else writer
+        error = None
+        try:
+            self._open(writer, settings, overwrite)
+        except UserError as exc:
+            error = exc
+        except OSError as exc:   # read-only location, a file in the way, ...
+            error = UserError(f"{path}: cannot write there ({exc.strerror}); give a "
+                              "writable --out")
+        error = _processes_disagree(path, self.done, failed=error is not None) or error
+        if error is not None:
+            self.close()
+            raise error
+
+    def _open(self, writer: bool, settings: dict | None, overwrite: bool) -> None:
+        path = self.path
+        if os.path.isdir(path):
+            raise UserError(f"{path}: is a directory; --out takes a JSONL file path")
+        if writer:
             self._appender = JsonlAppender(path)
             try:
                 fcntl.flock(self._appender.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
-                self._appender.close()
                 raise UserError(f"{path}: another run is writing this file; wait for it or "
                                 "choose another --out") from None
+            if overwrite:
+                # Settings first: a kill in between leaves results without settings, refused.
+                if os.path.exists(self.settings_path):
+                    os.remove(self.settings_path)
+                os.ftruncate(self._appender.fileno(), 0)
+                os.fsync(self._appender.fileno())
+        if not overwrite and os.path.exists(path):   # (process 0 may be truncating it)
+            for line_no, record in read_jsonl(path, skip_torn_tail=True):
+                key = id_key(check_id(record, f"{path}:{line_no} (existing output)"))
+                if key in self.done:
+                    raise UserError(f"{path}:{line_no}: id {key} appears twice in the existing "
+                                    "output; this file was not written by a single sweep")
+                self.done.add(key)
+        if settings is not None:
+            check_settings(self.settings_path, settings, label=path, has_results=bool(self.done),
+                           write=writer, hint="pass --overwrite to start over, or give another "
+                                              "--out")
+        if writer:
             drop_torn_tail(path)
-        self.done: set[str] = set()
-        lines = read_jsonl(path, skip_torn_tail=True) if os.path.exists(path) else []
-        for line_no, record in lines:
-            key = id_key(check_id(record, f"{path}:{line_no} (existing output)"))
-            if key in self.done:
-                raise UserError(f"{path}:{line_no}: id {key} appears twice in the existing "
-                                "output; this file was not written by a single sweep")
-            self.done.add(key)
 
     def write(self, records: Sequence[dict]) -> None:
         keys = [id_key(r["id"]) for r in records]
@@ -104,6 +167,26 @@ class ResumableOutput:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _processes_disagree(path: str, done: set[str], failed: bool) -> UserError | None:
+    """Multi-host: every process must have opened the output and see the same done ids,
+    or they would run different batches and wait on each other forever. A process that
+    ``failed`` keeps its own error; the others get one here instead of a hang."""
+    if jax.process_count() == 1:
+        return None
+    from jax.experimental import multihost_utils
+    digest = hashlib.sha256("\n".join(sorted(done)).encode()).digest()
+    mine = np.frombuffer(bytes([not failed]) + digest, np.uint8)
+    every = np.asarray(multihost_utils.process_allgather(mine))
+    if failed:
+        return None
+    if not every[:, 0].all():
+        return UserError(f"{path}: another process could not open this output (see its error)")
+    if (every != mine).any():
+        return UserError(f"{path}: the processes see different results in it; --out must be "
+                         "on a file system that every process shares")
+    return None
 
 
 @dataclasses.dataclass

@@ -82,25 +82,38 @@ def read_items(out_dir):
         return [json.loads(line) for line in f]
 
 
-@pytest.mark.parametrize("task,data,fmt,shots,mesh", [
-    ("medqa", "medqa", "mcq", 1, "data=2,tensor=2"),
-    ("mmlu", "mmlu_medical", "cloze", 2, None),
-])
+@pytest.mark.parametrize("task,data,fmt,shots,mesh,choices", [
+    ("medqa", "medqa", "mcq", 1, "data=2,tensor=2", "ABCD"),
+    ("mmlu", "mmlu_medical", "cloze", 2, None, None),
+    ("mmlu", "mmlu_medical", "mcq", 2, "data=2,tensor=2", "ABCD"),
+    ("pubmedqa", "pubmedqa", "mcq", 1, None, ("yes", "no", "maybe")),
+], ids=["medqa-mcq", "mmlu-cloze", "mmlu-mcq", "pubmedqa"])
 def test_option_loglikelihoods_match_transformers(ckpts, reference, tmp_path, task, data, fmt,
-                                                  shots, mesh):
+                                                  shots, mesh, choices):
+    """Each option's log-likelihood equals transformers' on the same prompt; acc and
+    acc_norm (argmax of the summed, and of the per-character, log-likelihood) equal an
+    independent computation from transformers' numbers."""
     argv = ["eval", "--model", ckpts["random"], "--task", task, "--data", sample(data),
             "--format", fmt, "--shots", str(shots), "--limit", "6", "--out", str(tmp_path)]
     assert cli.main(argv + (["--mesh", mesh] if mesh else [])) == 0
     records = read_items(tmp_path / "step_0" / task)
     pool = load_items(TASKS[task], sample(data), fmt)
     assert [r["id"] for r in records] == list(range(6))
+    hits = {"acc": [], "acc_norm": []}
     for rec, item in zip(records, pool[:6]):
+        assert choices is None or item.choices == tuple(choices)
         context = fewshot_context(item, pick_shots(item, pool, shots, same_file=True))
-        expected = torch_option_lls(reference, context, item.choices)
+        expected = np.asarray(torch_option_lls(reference, context, item.choices))
         np.testing.assert_allclose(rec["loglikelihoods"], expected, atol=1e-4, rtol=0)
-        assert rec["pred"] == int(np.argmax(expected)) and rec["gold"] == item.gold
+        pred = int(np.argmax(expected))
+        pred_norm = int(np.argmax(expected / [len(c) for c in item.choices]))
+        assert (rec["pred"], rec["pred_norm"], rec["gold"]) == (pred, pred_norm, item.gold)
+        hits["acc"].append(pred == item.gold)
+        hits["acc_norm"].append(pred_norm == item.gold)
     summary = json.loads((tmp_path / "step_0" / task / "summary.json").read_text())
-    assert summary["n"] == 6 and summary["acc"] == np.mean([r["acc"] for r in records])
+    assert summary["n"] == 6
+    for metric, h in hits.items():
+        assert summary[metric] == pytest.approx(np.mean(h), abs=1e-12), metric
 
 
 def test_planted_answer_scores_100_percent_and_checkpoints_compare(ckpts, tmp_path, capsys):
@@ -180,3 +193,18 @@ def test_resume_after_sigkill_counts_every_item_once(ckpts, tmp_path, capsys):
     other = [a if a != "1" or args[i - 1] != "--shots" else "2" for i, a in enumerate(args)]
     assert cli.main([*other, "--out", str(killed_out)]) == 2
     assert "holds results of a run with other settings (shots differ)" in capsys.readouterr().err
+
+
+def test_a_checkpoint_replaced_at_the_same_path_is_not_resumed_into(ckpts, tmp_path, capsys):
+    """Settings record the model by fingerprint, not by path: new weights at the old path
+    are refused instead of being mixed into the old results."""
+    model = tmp_path / "model"
+    shutil.copytree(ckpts["random"], model)
+    args = ["eval", "--model", str(model), "--task", "medmcqa", "--data", sample("medmcqa"),
+            "--limit", "2", "--out", str(tmp_path / "out")]
+    assert cli.main(args) == 0
+    shutil.rmtree(model)
+    shutil.copytree(ckpts["planted"], model)
+    capsys.readouterr()
+    assert cli.main(args) == 2
+    assert "other settings (model differ)" in capsys.readouterr().err

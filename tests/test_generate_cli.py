@@ -10,6 +10,7 @@ import pytest
 
 from infer.engine import Generator
 from infer.generate_cli import TextStream
+from infer.sweep import SETTINGS_SUFFIX
 from meditron_jax import cli
 from meditron_jax.loading import load_model
 from tests import hf_fixtures
@@ -103,7 +104,8 @@ def test_help_shows_defaults(capsys):
     text = capsys.readouterr().out
     for flag in ["--prompt TEXT", "--prompts FILE.jsonl", "--max-new-tokens N",
                  "--temperature T", "--top-k K", "--top-p P", "--seed S", "--stop STR",
-                 "--mesh SPEC", "--batch-size B", "--out FILE.jsonl", "--truncate-prompt"]:
+                 "--mesh SPEC", "--batch-size B", "--out FILE.jsonl", "--overwrite",
+                 "--truncate-prompt"]:
         assert flag in text, flag
     assert "(default: 128)" in text and "(default: 8)" in text
     assert "MEDITRON_MATMUL=auto|xla|blas" in text  # the environment epilog
@@ -123,16 +125,28 @@ BAD_LINES = [
 ]
 
 
+@pytest.fixture(scope="module")
+def done_before(text_model, tmp_path_factory) -> dict[str, str]:
+    """A finished sweep's output and settings files (name suffix -> text)."""
+    tmp = tmp_path_factory.mktemp("done")
+    src, out = _write(tmp / "p.jsonl", [{"id": "done-before", "prompt": "w4"}]), tmp / "o.jsonl"
+    assert cli.main(["generate", "--model", text_model, "--prompts", src, "--out", str(out),
+                     "--max-new-tokens", "8"]) == 0
+    return {s: (tmp / f"o.jsonl{s}").read_text() for s in ("", SETTINGS_SUFFIX)}
+
+
 @pytest.mark.parametrize("line, message", BAD_LINES)
-def test_bad_prompt_lines(text_model, tmp_path, capsys, line, message):
+def test_bad_prompt_lines(text_model, done_before, tmp_path, capsys, line, message):
     src = _write(tmp_path / "p.jsonl", [{"id": "a", "prompt": "w4"}, line])
     out = tmp_path / "out.jsonl"
-    out.write_text('{"id": "done-before"}\n')
+    for suffix, text in done_before.items():
+        (tmp_path / f"out.jsonl{suffix}").write_text(text)
     assert cli.main(["generate", "--model", text_model, "--prompts", src, "--out", str(out),
                      "--max-new-tokens", "8"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
-    assert out.read_text() == '{"id": "done-before"}\n'
+    for suffix, text in done_before.items():                 # nothing lost, nothing added
+        assert (tmp_path / f"out.jsonl{suffix}").read_text() == text
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -141,7 +155,7 @@ def test_bad_prompt_lines(text_model, tmp_path, capsys, line, message):
     (["--temperature", "-1"], "--temperature must be >= 0"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
     (["--mesh", "data=16"], "needs 16 devices but only 8"),
-    (["--mesh", "tensor=4"], "2 kv heads are not divisible by tensor=4"),
+    (["--mesh", "tensor=8"], "4 query heads are not divisible by tensor=8"),
     (["--mesh", "data=4", "--batch-size", "6"], "batch size 6 is not divisible"),
     (["--mesh", "pipeline=2"], "expected comma-separated AXIS=SIZE"),
     (["--out", "x.jsonl"], "--out goes with --prompts"),

@@ -146,8 +146,11 @@ def test_score_command_bad_input(text_model, tmp_path, capsys, line, message):
     src = _write(tmp_path / "in.jsonl", [{"id": "a", "context": "w4", "continuation": " w5"},
                                          line])
     out = tmp_path / "out.jsonl"
-    out.write_text('{"id": "kept"}\n')
+    first = _write(tmp_path / "first.jsonl", [{"id": "kept", "context": "w4", "continuation": " w5"}])
+    assert cli.main(["score", "--model", text_model, "--input", first, "--out", str(out)]) == 0
+    capsys.readouterr()
+    kept = out.read_text()
     assert cli.main(["score", "--model", text_model, "--input", src, "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
-    assert out.read_text() == '{"id": "kept"}\n'      # nothing already written is lost
+    assert out.read_text() == kept      # nothing already written is lost

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import time
 
 import pytest
 
-from infer.sweep import ResumableOutput, id_key, read_requests, run_sweep
+from infer.sweep import SETTINGS_SUFFIX, ResumableOutput, id_key, read_requests, run_sweep
 from meditron_jax import cli
 from meditron_jax.errors import UserError
 from meditron_jax.jsonl import drop_torn_tail, read_jsonl
@@ -90,6 +91,7 @@ def test_sampled_sweep_resumes_to_the_same_samples(tiny_hf_dir, tmp_path):
     assert cli.main(args + ["--out", str(full)]) == 0
     lines = full.read_text().splitlines(keepends=True)
     part.write_text(lines[2] + lines[0])
+    shutil.copy(f"{full}{SETTINGS_SUFFIX}", f"{part}{SETTINGS_SUFFIX}")
     assert cli.main(args + ["--out", str(part)]) == 0
     assert sorted(_rows(part), key=lambda r: r["id"]) == sorted(_rows(full),
                                                                key=lambda r: r["id"])
