@@ -105,12 +105,51 @@ def test_overlong_split_and_truncate_are_counted(caplog):
         split = loader([long_doc, "ab"], shuffle=False)
         got = rows(split, 2)
     assert "seq_len=16" in caplog.text and "splitting" in caplog.text
-    assert split.counts["overlong"] >= 1
+    assert split.counts["overlong"] == 1
     assert sum(int(b["weights"].sum()) for b in got) >= 41  # nothing lost when splitting
     trunc = loader([long_doc], shuffle=False, overlong="truncate")
     b = next(trunc)
-    assert trunc.counts["overlong"] >= 1 and trunc.counts["dropped_tokens"] >= 41 - 16
+    assert trunc.counts == {"records": 1, "overlong": 1, "dropped_tokens": 41 - 16, "unfit": 0}
     assert (b["segment_ids"] <= 1).all()  # one piece per row, never continued
+
+
+def test_counts_describe_one_pass_not_every_epoch():
+    """Six batches of two rows cycle these 3 records many times; the counts (and the
+    run summary's line) still describe the data once."""
+    ld = loader(["x" * 40, "ab", "cd"], overlong="truncate")
+    rows(ld, 6)
+    assert ld.counts == {"records": 3, "overlong": 1, "dropped_tokens": 25, "unfit": 0}
+    assert ld.report() == ("train data: 1 of the 3 records were longer than seq_len=16 and "
+                           "were truncated (25 tokens dropped per pass)")
+    state = json.loads(json.dumps(ld.get_state()))
+    again = loader(["x" * 40, "ab", "cd"], overlong="truncate")
+    again.set_state(state)  # a resumed run keeps counting the same pass
+    rows(again, 3)
+    assert again.counts == ld.counts
+
+
+def test_sft_prompt_that_fills_seq_len_is_skipped_and_counted():
+    fits, fills = ("Q?", " yes"), ("Q" * 20, " no")  # 21 prompt tokens > seq_len 16
+    ld = loader([fills, fits], kind="sft", overlong="truncate", shuffle=False)
+    got = rows(ld, 4)
+    assert ld.counts == {"records": 2, "overlong": 1, "dropped_tokens": 24 - 16, "unfit": 1}
+    assert "1 of them kept nothing to train on (the prompt fills seq_len)" in ld.report()
+    trained = {int(t) for b in got for t in b["targets"][b["weights"] > 0]}
+    assert trained == {3 + ord(c) for c in " yes"} | {EOS}  # only the record that fits
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_no_record_that_fits_is_an_error_not_an_endless_loop(batch):
+    """Every prompt fills the row: the loader would cycle the file forever."""
+    recs = [("P" * 20, " a"), ("P" * 30, " b")]  # 21 and 31 prompt tokens with bos
+    with pytest.raises(UserError, match=r"^qa\.jsonl: no record has anything to train on within "
+                                        r"data\.seq_len=16 with data\.overlong=truncate: every "
+                                        r"prompt fills the row \(longest prompt 31 tokens, "
+                                        r"shortest 21\)"):
+        Loader(recs, CharTokenizer(), EOS, DataSection(kind="sft", seq_len=16, overlong="truncate"),
+               batch, source="qa.jsonl")
+    # the same records under the default policy train on their completions
+    assert next(loader(recs, batch=batch, kind="sft"))["weights"].sum() > 0
 
 
 def test_text_files_split_on_separator_lines(tmp_path):

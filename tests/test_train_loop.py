@@ -84,7 +84,7 @@ def test_final_model_is_a_native_checkpoint_that_loads(learned):
     assert loaded.kind == "native" and loaded.tokenizer is not None
     assert loaded.tokenizer.encode("malaria") == Tokenizer.from_dir(
         os.path.join(summary["output_dir"], "tokenizer")).encode("malaria")
-    ckpt = Checkpointer(summary["checkpoints"], keep=2)
+    ckpt = Checkpointer(summary["checkpoints"], keep=2, read_only=True)
     last = ckpt.restore_params(200, abstract_params(loaded.cfg), jax.tree.map(
         lambda x: x.sharding, loaded.params))
     ckpt.close()
@@ -97,7 +97,8 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     run = tiny_run(tmp_path, optim={"lr": 1e30, "warmup_steps": 0, "clip_norm": None},
                    train={"mesh": "fsdp=1", "grad_accum": 1}, checkpoint={"every": 1})
     with pytest.raises(TrainingDiverged, match=r"loss is nan .* at step 2; stopped without "
-                                               r"saving it\. Last good checkpoint: step 1"):
+                                               r"saving it; the last complete checkpoint is "
+                                               r"step 1 in "):
         run_training(run)
     assert os.listdir(tmp_path / "checkpoints") == ["1"]
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]

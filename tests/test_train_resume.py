@@ -110,6 +110,9 @@ def test_resume_after_kill_is_bitwise_identical(interrupted, reference, name):
         # checkpoint.every=5 saved 5 and 10 already; the preemption save at 10 is the same step
     else:
         assert rc == -signal.SIGKILL
+        # the killed run's lock file is left behind; the kernel released its lock, so it
+        # does not block the rerun below
+        assert os.path.exists(os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.lock"))
     assert max(int(d) for d in os.listdir(os.path.join(out, "checkpoints")) if d.isdigit()) == 10
     resumed = run_training(tiny_run(out))
     assert resumed["start_step"] == 10 and resumed["steps"] == 20
@@ -119,8 +122,11 @@ def test_resume_after_kill_is_bitwise_identical(interrupted, reference, name):
     assert [got[s] for s in range(11, 21)] == [ref[s] for s in range(11, 21)]  # bitwise
 
 
-def test_sigterm_saves_a_step_the_schedule_would_not(tmp_path, reference):
-    """With no periodic checkpoint due, SIGTERM alone must produce the step-10 save."""
+@pytest.mark.parametrize("sig,status,word", [(signal.SIGTERM, 0, "preempted"),
+                                              (signal.SIGINT, 130, "interrupted")])
+def test_signal_saves_a_step_the_schedule_would_not(tmp_path, reference, sig, status, word):
+    """With no periodic checkpoint due, SIGTERM (a preemption) or Ctrl-C alone must save
+    step 10 (Ctrl-C used to exit 130 with every step since the last checkpoint lost)."""
     raw = tiny_run_dict(tmp_path, checkpoint={"every": 1000})
     cmd = [sys.executable, "-m", "meditron_jax", "train",
            *sum((["--set", s] for s in to_overrides(raw)), [])]
@@ -131,13 +137,21 @@ def test_sigterm_saves_a_step_the_schedule_would_not(tmp_path, reference):
         try:
             _wait_for("stalled after step 10", log_path, proc)
             assert not os.path.exists(os.path.join(tmp_path, "checkpoints", "10"))
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=120) == 0
+            proc.send_signal(sig)
+            assert proc.wait(timeout=120) == status
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(timeout=30)
+    out = open(log_path).read()
+    assert f"train: {word} ({sig.name}) at step 10; checkpoint saved" in out, out[-2000:]
+    assert f'"signal": "{sig.name}"' in out
     assert os.listdir(os.path.join(tmp_path, "checkpoints")) == ["10"]
+    if sig == signal.SIGINT:  # the rerun goes on as the uninterrupted run did
+        resumed = run_training(tiny_run(tmp_path, checkpoint={"every": 1000}))
+        assert resumed["start_step"] == 10
+        ref, got = reference[2], losses(resumed["metrics"])
+        assert [got[s] for s in range(11, 21)] == [ref[s] for s in range(11, 21)]
 
 
 def test_checkpoint_of_another_model_is_refused(reference):

@@ -2,8 +2,9 @@
 
 Each step directory holds four items: ``params`` (what is trained: the full params,
 or under LoRA only the adapters, never the frozen base), ``opt`` (step and optimizer
-state; apart, so a later run can take just the params), ``data`` (the loader's
-grain state, so a resumed run sees the batches the uninterrupted run would have) and
+state; apart, so a later run can take just the params), ``data`` (each process's
+loader state, ``process_I-of-N.json``, so a resumed run sees the batches the
+uninterrupted run would have) and
 ``meta`` (the model config and LoRA settings, checked on resume before any array is
 read). Orbax commits a step atomically (written aside, then renamed), so a kill during
 a save leaves the previous step as the latest. Saves are async: the device-to-host
@@ -12,6 +13,7 @@ files are written in the background.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -20,6 +22,7 @@ import threading
 import jax
 import orbax.checkpoint as ocp
 
+from meditron_jax.checkpoint import storage_errors
 from meditron_jax.errors import UserError
 from train.step import TrainState, with_shardings
 
@@ -31,25 +34,90 @@ def _opt(state: TrainState) -> dict:
 
 
 class Checkpointer:
-    def __init__(self, directory: str, keep: int, async_save: bool = True):
+    """One run's checkpoints. ``committed`` is the newest step known complete on disk.
+
+    A failed write (disk full, no permission) is a one-line UserError naming the file,
+    the step and the last complete checkpoint, raised at the first wait point after
+    the background write failed: the next ``check()`` (every step), ``save`` or
+    ``wait``. Orbax then never commits the step, so the previous ones stay intact.
+    """
+
+    def __init__(self, directory: str, keep: int, async_save: bool = True,
+                 read_only: bool = False):
         self.directory = os.path.abspath(directory)
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                               enable_async_checkpointing=async_save)
+        # The run writing here clears what a killed save left (its lock keeps it alone);
+        # a reader (another run's model.init_from) leaves the directory as it is.
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=not read_only, cleanup_tmp_directories=not read_only,
+            enable_async_checkpointing=async_save)
+        # Each process saves its own data position (its records and packing differ).
+        self._data = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        data = ocp.JsonCheckpointHandler(self._data, multiprocessing_options=(
+            ocp.options.MultiprocessingOptions(primary_host=None)))
         self._mgr = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=("params", "opt", "data", "meta"))
-        self.last_saved: int | None = self._mgr.latest_step()
+                                          item_names=("params", "opt", "data", "meta"),
+                                          item_handlers={"data": data})
+        if not read_only:  # a kill between a commit and the removal of the oldest step
+            for old in sorted(self._mgr.all_steps())[:-keep]:
+                self._mgr.delete(old)
+        self.committed: int | None = self._mgr.latest_step()
+        self._writing: int | None = None  # the step whose async save may still run
+        self._failed = False
 
     def latest_step(self) -> int | None:
         return self._mgr.latest_step()
 
     def save(self, step: int, state: TrainState, data_state: dict, meta: dict) -> None:
-        if self.last_saved == step:
+        if step in (self.committed, self._writing):
             return
-        self._mgr.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(state.params), opt=ocp.args.StandardSave(_opt(state)),
-            data=ocp.args.JsonSave(data_state),
-            meta=ocp.args.JsonSave(meta)), force=True)
-        self.last_saved = step
+        self.wait()  # the previous save first, so that its failure is reported as its own
+        with self._storage(step):
+            self._mgr.save(step, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state.params), opt=ocp.args.StandardSave(_opt(state)),
+                data=ocp.args.JsonSave(data_state),
+                meta=ocp.args.JsonSave(meta)), force=True)
+        self._writing = step
+
+    def check(self) -> None:
+        """Cheap, every step: a background save that has ended is waited for, so a failed
+        one stops training now, not at the next save."""
+        if self._writing is not None and not self._mgr.is_saving_in_progress():
+            self.wait()
+
+    def wait(self) -> None:
+        if self._writing is None:
+            return
+        with self._storage(self._writing):
+            self._mgr.wait_until_finished()
+        self.committed, self._writing = self._writing, None
+
+    def close(self) -> None:
+        try:
+            if not self._failed:
+                self.wait()
+        finally:
+            try:
+                self._mgr.close()
+            except Exception:
+                if not self._failed:  # after a failed save Orbax raises it once more here
+                    raise
+
+    def last_complete(self) -> str:
+        """Where a rerun resumes from, for messages."""
+        if self.committed is None:
+            return "no checkpoint is complete yet (a rerun starts over)"
+        return f"the last complete checkpoint is step {self.committed} in {self.directory}"
+
+    @contextlib.contextmanager
+    def _storage(self, step: int):
+        try:
+            with storage_errors(f"checkpoint step {step} was not written",
+                                f"{self.last_complete()}, intact; free space (or fix the file "
+                                "system) and rerun the same command to resume"):
+                yield
+        except UserError:
+            self._failed = True
+            raise
 
     def read_meta(self, step: int) -> dict:
         return self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
@@ -58,6 +126,11 @@ class Checkpointer:
                 meta: dict) -> tuple[TrainState, dict]:
         """The state placed in ``shardings`` (``frozen`` left None) and the data state."""
         check_meta(self.read_meta(step), meta, f"{self.directory}/{step}")
+        data = os.path.join(self.directory, str(step), "data")
+        if not os.path.isfile(os.path.join(data, self._data)):
+            raise UserError(f"{data}: no {self._data}, only {', '.join(sorted(os.listdir(data)))}: "
+                            "resume with as many processes as wrote the checkpoint (each "
+                            "process keeps its own data position)")
         out = self._mgr.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(with_shardings(abstract.params, shardings.params)),
             opt=ocp.args.StandardRestore(with_shardings(_opt(abstract), _opt(shardings))),
@@ -70,13 +143,6 @@ class Checkpointer:
         out = self._mgr.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(with_shardings(abstract_params, shardings))))
         return out.params
-
-    def wait(self) -> None:
-        self._mgr.wait_until_finished()
-
-    def close(self) -> None:
-        self._mgr.wait_until_finished()
-        self._mgr.close()
 
 
 def check_meta(saved: dict, current: dict, where: str) -> None:
@@ -94,29 +160,58 @@ def check_meta(saved: dict, current: dict, where: str) -> None:
                         "from an uninterrupted run", where, key, current.get(key), saved.get(key))
 
 
-class Preemption:
-    """SIGTERM (a TPU / cluster preemption notice) -> save at the current step, exit 0.
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT before the training state existed: there was nothing to save."""
 
-    With one process a signal handler sets a flag. With several, every host must save
-    at the same step, so JAX's coordination service decides (it watches for the
-    notice itself): ``reached_preemption_sync_point``.
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal = signal_name
+
+
+class Preemption:
+    """SIGTERM (a TPU / cluster preemption notice) or SIGINT (Ctrl-C) -> save at the end
+    of the current step and stop.
+
+    Until :meth:`arm` (while reading data, loading weights) there is no training state
+    to save, so the first signal raises :class:`Interrupted` wherever the main thread
+    is. Once armed the handler only records the signal, which the loop reads after
+    every step (the first one includes the compilation). After the first signal, SIGINT
+    is back to the OS default: a second Ctrl-C ends the process at once, keeping the last
+    complete checkpoint as a kill does. With several processes every host must save at
+    the same step, so JAX's coordination service decides (it watches for SIGTERM
+    itself): ``reached_preemption_sync_point``.
     """
 
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
     def __init__(self):
-        self._flag = threading.Event()
-        self._previous = None
+        self.signal: str | None = None  # the first signal received
+        self._armed = False
+        self._previous: dict = {}
 
     def __enter__(self) -> "Preemption":
         if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
+            self._previous = {s: signal.signal(s, self._received) for s in self.SIGNALS}
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _received(self, signum: int, _frame) -> None:
+        first = self.signal is None
+        self.signal = self.signal or signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if first and not self._armed:
+            raise Interrupted(self.signal)
+
+    def arm(self) -> None:
+        """From now on a signal is read at the end of a step (there is a state to save)."""
+        self._armed = True
 
     def reached(self, step: int) -> bool:
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
             return bool(multihost_utils.reached_preemption_sync_point(step))
-        return self._flag.is_set()
+        return self.signal is not None

@@ -2,9 +2,28 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
+import sys
 import textwrap
+
+EXIT_STATUS = """\
+stopping: SIGTERM (a preemption notice) or Ctrl-C (SIGINT) at any point saves a checkpoint
+  at the end of the current step (the first step includes compilation) and stops; before
+  there is a training state (reading data, loading weights) there is nothing to save and it
+  stops at once. A second Ctrl-C aborts immediately, keeping the last complete checkpoint.
+  Rerun the same command to resume. With several processes SIGTERM goes through JAX's
+  preemption notice (every process saves the same step) and Ctrl-C is not caught.
+  One run per output_dir at a time: a lock file beside it (.NAME.lock) that the system
+  releases when the run ends, however it ends.
+
+exit status:
+  0    finished, or stopped by SIGTERM (checkpoint saved)
+  2    a one-line error: bad config or data, output_dir in use by another run or not
+       writable, a failed write such as a full disk (the last complete checkpoint is
+       kept and the error names it), a diverged loss
+  130  stopped by Ctrl-C (checkpoint saved); a second Ctrl-C ends it by the signal"""
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -29,7 +48,7 @@ def _config_keys() -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = _Formatter
-    parser.epilog = _config_keys()
+    parser.epilog = f"{EXIT_STATUS}\n\n{_config_keys()}"
     parser.add_argument("--config", default=None,
                         help="YAML run config (configs/*.yaml); omitted: the built-in defaults "
                              "(tiny random model, needs data.train_files)")
@@ -51,11 +70,40 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_orbax()
     from sharding import initialize_distributed
     initialize_distributed()
+    from train.checkpoints import Interrupted
     from train.loop import run_training
-    summary = run_training(cfg)
+    try:
+        summary = run_training(cfg)
+    except Interrupted as exc:
+        print(f"train: stopped by {exc.signal} before training started; nothing to save",
+              file=sys.stderr)
+        return _status(exc.signal)
     print(json.dumps({k: summary[k] for k in ("steps", "final_loss", "final_eval_loss",
-                                               "tokens_per_s", "mfu", "preempted",
+                                               "tokens_per_s", "mfu", "preempted", "signal",
                                                "latest_checkpoint", "output_dir")}))
-    return 0
+    return _status(summary["signal"])
+
+
+def _status(signal_name: str | None) -> int:
+    return 130 if signal_name == "SIGINT" else 0
+
+
+@functools.cache  # once per process
+def _quiet_orbax() -> None:
+    """Orbax reports a failed background save over and over: its own log records from
+    each thread (tracebacks included), asyncio's "exception was never retrieved" for the
+    writes it gathered, and tensorstore's unraisable "Event loop is closed" for writes
+    still in flight when it closed its event loop. The Checkpointer raises the failure
+    once, as one line (exit 2): drop the rest."""
+    logging.getLogger("absl").addFilter(lambda record: "/orbax/" not in record.pathname)
+    logging.getLogger("asyncio").addFilter(
+        lambda record: "exception was never retrieved" not in record.getMessage())
+    previous = sys.unraisablehook
+
+    def unraisablehook(info):
+        if not (info.exc_type is RuntimeError and str(info.exc_value) == "Event loop is closed"):
+            previous(info)
+    sys.unraisablehook = unraisablehook

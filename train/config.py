@@ -8,6 +8,7 @@ the same checks. The architecture is not here: it comes from ``model.preset``,
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -35,6 +36,12 @@ class ModelSection:
     attention_impl: str | None = None    # None: let JAX pick; "cudnn" on H100; "einsum"
     loss_chunk: int = 1024               # positions per logits chunk in the loss (memory knob)
     scan_layers: bool | None = None      # None: scanned, unrolled under oneMKL (one CPU)
+
+    def architecture_overrides(self) -> dict:
+        """``overrides`` as typed ``LlamaConfig`` fields (a RopeScaling from its mapping);
+        a wrong key or type is a UserError naming ``model.overrides.KEY``."""
+        from meditron_jax.config import LlamaConfig
+        return typed_fields(LlamaConfig, self.overrides, "run config", "model.overrides.")
 
 
 @dataclass(frozen=True)
@@ -96,7 +103,8 @@ class LogSection:
     progress: bool = True
     tensorboard: bool = True
     plot: bool = True
-    cpu_peak_flops: float = 1e11         # per device; accelerators use a table by device kind
+    cpu_peak_flops: float | None = None  # per device; None: a matmul measured at start.
+                                         # Accelerators use a table by device kind
 
 
 @dataclass(frozen=True)
@@ -128,10 +136,43 @@ def _plain(x):
     return x
 
 
+# The range of every number in a run config (tests/test_train_config.py checks that no
+# numeric field is missing). Floats must also be finite; integers < 2**31 (the step
+# counter and the seeds are 32-bit on the device).
+_POSITIVE = ("> 0", lambda x: x > 0)
+_NON_NEGATIVE = (">= 0", lambda x: x >= 0)
+_FRACTION = ("in [0, 1]", lambda x: 0 <= x <= 1)
+_BELOW_ONE = ("in [0, 1)", lambda x: 0 <= x < 1)
+RANGES = {
+    "model.init_std": _POSITIVE, "model.loss_chunk": _POSITIVE,
+    "data.seq_len": _POSITIVE, "data.seed": _NON_NEGATIVE, "data.packing_bins": _POSITIVE,
+    "optim.lr": _NON_NEGATIVE, "optim.warmup_steps": _NON_NEGATIVE,
+    "optim.min_lr_ratio": _FRACTION, "optim.weight_decay": _NON_NEGATIVE,
+    "optim.b1": _BELOW_ONE, "optim.b2": _BELOW_ONE, "optim.eps": _POSITIVE,
+    "optim.clip_norm": _POSITIVE,
+    "train.steps": _POSITIVE, "train.batch_size": _POSITIVE, "train.grad_accum": _POSITIVE,
+    "train.seed": _NON_NEGATIVE,
+    "lora.rank": _NON_NEGATIVE, "lora.alpha": _POSITIVE,
+    "checkpoint.every": _POSITIVE, "checkpoint.keep": _POSITIVE,
+    "log.every": _POSITIVE, "log.eval_every": _NON_NEGATIVE, "log.eval_batches": _POSITIVE,
+    "log.cpu_peak_flops": _POSITIVE,
+}
+MAX_INT = 2**31 - 1
+
+
 def validate(cfg: RunConfig) -> None:
-    """Value checks across fields (types are checked while loading)."""
-    m, d, o, t, lo, c, log = (cfg.model, cfg.data, cfg.optim, cfg.train, cfg.lora,
-                              cfg.checkpoint, cfg.log)
+    """Value checks (types are checked while loading): every number in its range, the
+    choices, and what fields demand of each other."""
+    m, d, o, t, lo, log = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.lora, cfg.log
+    for key, (what, ok) in RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is None:  # optional (optim.clip_norm: null turns clipping off)
+            continue
+        if not (math.isfinite(value) and ok(value)):
+            raise UserError(f"run config: {key} must be {what}, got {value}")
+        if isinstance(value, int) and value > MAX_INT:
+            raise UserError(f"run config: {key} must be <= {MAX_INT}, got {value}")
     _choice("model.param_dtype", m.param_dtype, DTYPES)
     _choice("model.compute_dtype", m.compute_dtype, DTYPES)
     from meditron_jax.model import REMAT_POLICIES
@@ -140,25 +181,11 @@ def validate(cfg: RunConfig) -> None:
     _choice("data.overlong", d.overlong, ("split", "truncate"))
     _choice("optim.decay", o.decay, ("cosine", "linear", "constant"))
     _choice("train.rules", t.rules, ("train", "infer"))
-    for name, value in (("data.seq_len", d.seq_len), ("data.packing_bins", d.packing_bins),
-                        ("model.loss_chunk", m.loss_chunk),
-                        ("train.steps", t.steps), ("train.batch_size", t.batch_size),
-                        ("train.grad_accum", t.grad_accum), ("checkpoint.every", c.every),
-                        ("checkpoint.keep", c.keep), ("log.every", log.every),
-                        ("log.eval_batches", log.eval_batches)):
-        if value <= 0:
-            raise UserError(f"run config: {name} must be > 0, got {value}")
-    for name, value in (("optim.warmup_steps", o.warmup_steps), ("lora.rank", lo.rank),
-                        ("log.eval_every", log.eval_every), ("data.seed", d.seed),
-                        ("train.seed", t.seed), ("optim.weight_decay", o.weight_decay)):
-        if value < 0:
-            raise UserError(f"run config: {name} must be >= 0, got {value}")
-    if not o.lr > 0:
-        raise UserError(f"run config: optim.lr must be > 0, got {o.lr}")
-    if not 0 <= o.min_lr_ratio <= 1:
-        raise UserError(f"run config: optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
-    if o.clip_norm is not None and not o.clip_norm > 0:
-        raise UserError(f"run config: optim.clip_norm must be > 0 or null, got {o.clip_norm}")
+    for key, value in (("output_dir", cfg.output_dir), ("data.text_key", d.text_key),
+                       ("train.mesh", t.mesh)):
+        if not value.strip():
+            raise UserError(f"run config: {key} must not be empty")
+    m.architecture_overrides()  # their types, before JAX starts
     if t.batch_size % t.grad_accum:
         raise UserError(f"run config: train.batch_size ({t.batch_size}) must be a multiple of "
                         f"train.grad_accum ({t.grad_accum})")
@@ -224,6 +251,12 @@ def from_dict(raw: dict, where: str = "run config") -> RunConfig:
 
 
 def _build(cls, raw, where: str, prefix: str):
+    return cls(**typed_fields(cls, raw, where, prefix))
+
+
+def typed_fields(cls, raw, where: str, prefix: str) -> dict:
+    """The mapping ``raw`` as keyword arguments of dataclass ``cls``, each value checked
+    against (and converted to) its field's type; errors name ``PREFIX + key``."""
     if not isinstance(raw, dict):
         raise UserError(f"{where}: {prefix.rstrip('.') or 'top level'} must be a mapping, "
                         f"got {type(raw).__name__}")
@@ -233,10 +266,7 @@ def _build(cls, raw, where: str, prefix: str):
         raise UserError(f"{where}: unknown key {prefix}{unknown[0]!r}; known keys"
                         f"{' in ' + prefix.rstrip('.') if prefix else ''}: {', '.join(fields)}")
     hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for name, value in raw.items():
-        kwargs[name] = _coerce(hints[name], value, where, prefix + name)
-    return cls(**kwargs)
+    return {name: _coerce(hints[name], value, where, prefix + name) for name, value in raw.items()}
 
 
 def _coerce(tp, value, where: str, key: str) -> Any:
@@ -250,8 +280,8 @@ def _coerce(tp, value, where: str, key: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, where, key)
     if origin is tuple:
-        if isinstance(value, str):
-            value = [value]
+        if not isinstance(value, (list, tuple, dict)):
+            value = [value]  # a single item
         if not isinstance(value, (list, tuple)):
             raise UserError(f"{where}: {key} must be a list, got {value!r}")
         return tuple(_coerce(args[0], v, where, key) for v in value)
@@ -273,8 +303,9 @@ def _coerce(tp, value, where: str, key: str) -> Any:
                 value = float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"{where}: {key} must be a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value):
+            raise UserError(f"{where}: {key} must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

@@ -12,7 +12,9 @@ shuffle each epoch).
 - An example is ``inputs = ids[:-1]``, ``targets = ids[1:]`` and ``weights`` (1 where
   the target is trained on: every token of a document; only completion tokens of an
   SFT record). An example longer than ``seq_len`` is split into ``seq_len`` pieces or
-  truncated (``data.overlong``); both are counted and reported.
+  truncated (``data.overlong``); both are counted over one pass and reported. A record
+  left with nothing to train on (an SFT prompt that fills ``seq_len`` under truncation)
+  is skipped; when every record is, the loader refuses to start (it would cycle forever).
 - First-fit packing never cuts an example across rows, so every segment starts at
   position 0 as it does at inference; segment id 0 marks padding (weight 0).
 """
@@ -99,11 +101,18 @@ def read_records(files, dcfg: DataSection, process_index: int = 0,
 
 # ---- tokenizing into examples --------------------------------------------------------------
 class ExampleBuilder(gx.FlatMapTransform):
-    """Record -> one or more examples ``{"inputs", "targets", "weights"}`` of <= seq_len."""
+    """Record -> one or more examples ``{"inputs", "targets", "weights"}`` of <= seq_len.
 
-    def __init__(self, tokenizer, eos_id: int, dcfg: DataSection, name: str = "train"):
+    ``counts`` describes one pass over the ``num_records`` records (the first; later
+    epochs see the same records again): how many were read, longer than seq_len, and
+    left with nothing to train on (an SFT prompt that fills seq_len under truncation).
+    """
+
+    def __init__(self, tokenizer, eos_id: int, dcfg: DataSection, num_records: int,
+                 name: str = "train"):
         self.tokenizer, self.eos_id, self.dcfg, self.name = tokenizer, eos_id, dcfg, name
-        self.counts = {"examples": 0, "overlong": 0, "dropped_tokens": 0}
+        self.num_records = num_records
+        self.counts = {"records": 0, "overlong": 0, "dropped_tokens": 0, "unfit": 0}
 
     def ids_and_weights(self, record) -> tuple[list[int], list[float]]:
         enc = self.tokenizer.encode
@@ -115,43 +124,80 @@ class ExampleBuilder(gx.FlatMapTransform):
         ids = enc(record, add_bos=True) + [self.eos_id]
         return ids, [1.0] * len(ids)
 
-    def flat_map(self, record):
+    def examples(self, record) -> tuple[list[dict], int]:
+        """The record's examples, and its length in input tokens."""
         ids, w = self.ids_and_weights(record)
         ids, w = np.asarray(ids, np.int32), np.asarray(w, np.float32)
         # weight of a target token = weight of that token in the record
         inputs, targets, weights = ids[:-1], ids[1:], w[1:]
         n, seq = len(inputs), self.dcfg.seq_len
-        self.counts["examples"] += 1
-        if n > seq:
-            self.counts["overlong"] += 1
-            if self.counts["overlong"] == 1:
-                log.warning("%s data: an example has %d tokens > seq_len=%d; %s (data.overlong); "
-                            "the run summary counts them", self.name, n, seq,
-                            "splitting" if self.dcfg.overlong == "split" else "truncating")
-            if self.dcfg.overlong == "truncate":
-                self.counts["dropped_tokens"] += n - seq
-                inputs, targets, weights = inputs[:seq], targets[:seq], weights[:seq]
+        if n > seq and self.dcfg.overlong == "truncate":
+            inputs, targets, weights = inputs[:seq], targets[:seq], weights[:seq]
         pieces = []
         for s in range(0, len(inputs), seq):
             piece = {"inputs": inputs[s:s + seq], "targets": targets[s:s + seq],
                      "weights": weights[s:s + seq]}
             if piece["weights"].any():  # an SFT piece holding only prompt trains nothing
                 pieces.append(piece)
+        return pieces, n
+
+    def flat_map(self, indexed):
+        # (position in the stream, record): a record that a restored iterator reads again
+        # (grain replays the packing batch in progress) is not counted again
+        position, record = indexed
+        pieces, n = self.examples(record)
+        c, seq = self.counts, self.dcfg.seq_len
+        if c["records"] == position < self.num_records:  # the first pass
+            c["records"] += 1
+            if n > seq:
+                c["overlong"] += 1
+                if self.dcfg.overlong == "truncate":
+                    c["dropped_tokens"] += n - seq
+            c["unfit"] += not pieces
+            if n > seq and c["overlong"] == 1:
+                log.warning("%s data: an example has %d tokens > seq_len=%d; %s (data.overlong); "
+                            "the run summary counts them", self.name, n, seq,
+                            "splitting" if self.dcfg.overlong == "split" else "truncating")
+            if not pieces and c["unfit"] == 1:
+                log.warning("%s data: a prompt fills seq_len=%d, leaving its record nothing to "
+                            "train on; skipping it (and others like it: the run summary counts "
+                            "them)", self.name, seq)
         return pieces
+
+    def report(self) -> str | None:
+        """One line on the overlong records of a pass; None when there were none."""
+        c, d = self.counts, self.dcfg
+        if not c["overlong"]:
+            return None
+        done = "" if c["records"] >= self.num_records else " read so far"
+        line = (f"{self.name} data: {c['overlong']} of the {c['records']} records{done} were "
+                f"longer than seq_len={d.seq_len} and were "
+                f"{'split' if d.overlong == 'split' else 'truncated'}")
+        if c["dropped_tokens"]:
+            line += f" ({c['dropped_tokens']} tokens dropped per pass)"
+        if c["unfit"]:
+            line += (f"; {c['unfit']} of them kept nothing to train on (the prompt fills "
+                     "seq_len) and were skipped")
+        return line
 
 
 # ---- the loader ------------------------------------------------------------------------
 class Loader:
     """Infinite iterator of this host's rows of each global batch, as numpy arrays
-    ``inputs, targets, weights, segment_ids, positions`` of shape [local_batch, seq_len]."""
+    ``inputs, targets, weights, segment_ids, positions`` of shape [local_batch, seq_len].
+
+    ``source`` (the files the records came from) names them in errors.
+    """
 
     def __init__(self, records: list, tokenizer, eos_id: int, dcfg: DataSection,
-                 local_batch: int, shuffle: bool | None = None, name: str = "train"):
-        self.builder = ExampleBuilder(tokenizer, eos_id, dcfg, name)
+                 local_batch: int, shuffle: bool | None = None, name: str = "train",
+                 source: str = "data"):
+        self.builder = ExampleBuilder(tokenizer, eos_id, dcfg, len(records), name)
+        _check_something_fits(self.builder, records, source)
         ds = grain.MapDataset.source(records)
         if dcfg.shuffle if shuffle is None else shuffle:
             ds = ds.shuffle(seed=dcfg.seed)
-        ds = ds.repeat().to_iter_dataset()
+        ds = ds.repeat().map_with_index(lambda i, r: (i, r)).to_iter_dataset()
         ds = gx.FlatMapIterDataset(ds, self.builder)
         seq = dcfg.seq_len
         ds = gx.FirstFitPackIterDataset(
@@ -173,12 +219,30 @@ class Loader:
     def counts(self) -> dict:
         return dict(self.builder.counts)
 
+    def report(self) -> str | None:
+        return self.builder.report()
+
     def get_state(self) -> dict:
         return {"grain": self._iter.get_state(), "counts": self.counts}
 
     def set_state(self, state: dict) -> None:
         self._iter.set_state(state["grain"])
-        self.builder.counts.update(state.get("counts", {}))
+        counts = self.builder.counts
+        counts.update({k: v for k, v in state.get("counts", {}).items() if k in counts})
+
+
+def _check_something_fits(builder: ExampleBuilder, records: list, source: str) -> None:
+    """The loader repeats its records forever: if none of them gives an example it would
+    spin without ever yielding a batch. Stops at the first record that gives one (the
+    first, unless the data are all unusable), so it costs one record's tokenization."""
+    if any(builder.examples(r)[0] for r in records):
+        return
+    d = builder.dcfg
+    prompts = [builder.ids_and_weights(r)[1].index(1.0) for r in records]  # leading 0 weights
+    raise UserError(f"{source}: no record has anything to train on within data.seq_len="
+                    f"{d.seq_len} with data.overlong={d.overlong}: every prompt fills the row "
+                    f"(longest prompt {max(prompts)} tokens, shortest {min(prompts)}); raise "
+                    "data.seq_len above the prompts' length or set data.overlong=split")
 
 
 def fixed_batches(loader: Loader, n: int) -> list[dict]:

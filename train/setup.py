@@ -39,14 +39,12 @@ def model_config(run: RunConfig) -> LlamaConfig:
                             "model.init_from (the weights fix the architecture)")
         return init_from_config(m.init_from)
     cfg = LlamaConfig.from_hf(m.config) if m.config else preset(m.preset or "tiny")
-    if m.overrides:
-        names = {f.name for f in dataclasses.fields(LlamaConfig)}
-        unknown = sorted(set(m.overrides) - names)
-        if unknown:
-            raise UserError(f"run config: model.overrides has unknown field(s) "
-                            f"{', '.join(unknown)}; fields: {', '.join(sorted(names))}")
-        cfg = cfg.replace(**m.overrides)
-    return cfg
+    if not m.overrides:
+        return cfg
+    try:
+        return cfg.replace(**m.architecture_overrides())
+    except UserError as exc:  # a value out of range, or sizes that do not agree
+        raise UserError(f"run config: model.overrides: {exc}") from None
 
 
 def init_from_config(path: str) -> LlamaConfig:
@@ -131,9 +129,11 @@ def make_data(run: RunConfig, tok: Tokenizer, eos: int) -> Data:
     eval_batches = []
     if run.data.eval_file:
         held_out = read_records([run.data.eval_file], run.data, pid, n_proc)
-        eval_loader = Loader(held_out, tok, eos, run.data, local, shuffle=False, name="eval")
+        eval_loader = Loader(held_out, tok, eos, run.data, local, shuffle=False, name="eval",
+                             source=run.data.eval_file)
         eval_batches = fixed_batches(eval_loader, run.log.eval_batches)
-    return Data(Loader(records, tok, eos, run.data, local), eval_batches, local)
+    return Data(Loader(records, tok, eos, run.data, local,
+                       source=", ".join(run.data.train_files)), eval_batches, local)
 
 
 def run_meta(run: RunConfig, cfg: LlamaConfig, lora: LoraConfig | None) -> dict:
