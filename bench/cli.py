@@ -22,6 +22,7 @@ from bench import beyond_cpu, ceilings, machine, report
 from bench.paired import (NEVER_PAIRED, Served, WorkerFailed, pair_fits, run_alone,
                           run_paired)
 from bench.presets import BENCHMARKS, PRESETS, parse_list, peak_gib_estimate
+from bench.timing import MAX_OTHER_LOAD
 from meditron_jax.errors import UserError
 
 
@@ -33,6 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=7,
                         help="timed pairs per benchmark (one run of each side back to "
                              "back; medians are reported, warm-up runs are extra)")
+    parser.add_argument("--remeasure", type=int, default=5,
+                        help="extra timed pairs per benchmark, at most, to replace pairs "
+                             "during which other processes used more than "
+                             f"{MAX_OTHER_LOAD:.0%}% of the pinned CPUs; a benchmark still "
+                             "left with such a pair is reported unreliable, never as met")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="CPU threads for both sides (each worker is pinned to this many CPUs)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shared random weights")
@@ -60,6 +66,8 @@ def _check(args) -> tuple[list[str], list[str]]:
     benches = parse_list(args.benches, BENCHMARKS, "benches")
     if args.repeats < 1:
         raise UserError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.remeasure < 0:
+        raise UserError(f"--remeasure must be >= 0, got {args.remeasure}")
     available = len(os.sched_getaffinity(0))
     if not 1 <= args.threads <= available:
         raise UserError(f"--threads must be between 1 and {available} (the CPUs this "
@@ -120,7 +128,8 @@ def measure_preset(name: str, benches: list[str], args, workdir: str, probe: Ser
                 ours = start("ours")
                 try:
                     for bench in paired:
-                        o, t, po, pt = run_paired(bench, args.repeats, theirs, ours, probe)
+                        o, t, po, pt = run_paired(bench, args.repeats, args.remeasure,
+                                                  theirs, ours, probe)
                         out[bench] = (o, t, po, pt, True)
                     rss["ours"] = ours.close().get("peak_rss_gb")
                 finally:
@@ -129,8 +138,9 @@ def measure_preset(name: str, benches: list[str], args, workdir: str, probe: Ser
             finally:
                 theirs.kill()
         for bench in alone:
-            t, pt = run_alone(bench, args.repeats, lambda: start("transformers"), probe)
-            o, po = run_alone(bench, args.repeats, lambda: start("ours"), probe)
+            t, pt = run_alone(bench, args.repeats, args.remeasure,
+                              lambda: start("transformers"), probe)
+            o, po = run_alone(bench, args.repeats, args.remeasure, lambda: start("ours"), probe)
             out[bench] = (o, t, po, pt, False)
             rss = {"ours": max(rss["ours"] or 0, o.get("peak_rss_gb") or 0),
                    "transformers": max(rss["transformers"] or 0, t.get("peak_rss_gb") or 0)}
@@ -171,6 +181,7 @@ def measure(args, presets: list[str], benches: list[str], workdir: str) -> dict:
                              wall_s=round(time.time() - started, 1))
     result["settings"] = {
         "presets": presets, "benches": benches, "repeats": args.repeats,
+        "remeasure": args.remeasure, "max_other_load": MAX_OTHER_LOAD,
         "threads": args.threads, "seed": args.seed,
         # the numerators of MFU: model FLOPs per token at the benchmark's sequence length
         "model_flops_per_token": {

@@ -9,6 +9,12 @@ alternating between repeats), with a probe of the machine's matmul and read spee
 between the pairs. The ratio is the median of the per-pair ratios; a fraction of the
 ceiling divides each run by the probes taken around it.
 
+Every timed run and probe reports the share of the pinned CPUs other processes used
+meanwhile. A pair during which that exceeded ``timing.MAX_OTHER_LOAD`` (in either run
+or the probes around them) is noise: it is measured again, up to ``remeasure`` extra
+pairs per benchmark; the ``repeats`` least disturbed pairs are kept, and a row still
+holding a disturbed one is reported unreliable (``bench/report.py``).
+
 A benchmark whose two sides do not fit in memory together (``medium`` training) runs
 each side alone in a fresh worker, the probes still between its repeats, and is
 marked ``paired: false``.
@@ -26,6 +32,7 @@ import time
 from typing import Callable
 
 from bench.presets import BenchPreset, peak_gib_estimate
+from bench.timing import MAX_OTHER_LOAD
 from meditron_jax.errors import UserError
 
 
@@ -136,51 +143,79 @@ def _median(xs):
     return statistics.median(xs) if xs else None
 
 
-def summarize(warm: dict, runs: list[dict], finish: dict) -> dict:
-    """One side's raw result: medians of its timed runs plus warm-up and checks."""
+def summarize(warm: dict, runs: list[dict], finish: dict, remeasured: int) -> dict:
+    """One side's raw result: medians of its timed runs plus warm-up and checks, each
+    run's other-process load and how many runs were measured again."""
     out = {**warm, **finish, "seconds_all": [r["seconds"] for r in runs],
            "seconds": _median([r["seconds"] for r in runs]),
-           "other_load": max((r.get("other_load") or 0.0) for r in runs)}
+           "other_load_runs": [r["other_load"] for r in runs], "remeasured": remeasured}
     for key in ("ttft_s", "total_s"):
         if runs and key in runs[0]:
             out[key] = _median([r[key] for r in runs])
     return out
 
 
-def run_paired(bench: str, repeats: int, theirs: Served, ours: Served, probe: Served) -> tuple:
-    """Warm both sides, then ``repeats`` back-to-back pairs with probes between them."""
-    warm_t, warm_o = theirs.call("warm", bench), ours.call("warm", bench)
-    runs_t, runs_o, probes = [], [], [probe.call("probe")]
-    for r in range(repeats):
-        order = [(theirs, runs_t), (ours, runs_o)]
-        for side, runs in (order if r % 2 == 0 else order[::-1]):
-            runs.append(side.call("once", bench))
+def timed_runs(attempt: Callable[[int], dict], repeats: int, remeasure: int,
+               probe: Served) -> tuple[dict, list[dict], int]:
+    """``attempt(i)`` (one timed run per side, by side name) with a probe before and
+    after each, until ``repeats`` attempts ran clean (other processes used at most
+    ``MAX_OTHER_LOAD`` of the pinned CPUs in every run and probe around them) or
+    ``remeasure`` extra attempts were spent. Keeps the ``repeats`` least disturbed
+    attempts, in order: (side -> runs, the probes around each, attempts dropped)."""
+    probes, attempts = [probe.call("probe")], []
+
+    def load(i: int) -> float:
+        return max([r["other_load"] for r in attempts[i].values()]
+                   + [probes[i]["other_load"], probes[i + 1]["other_load"]])
+    clean = 0
+    while clean < repeats and len(attempts) < repeats + remeasure:
+        attempts.append(attempt(len(attempts)))
         probes.append(probe.call("probe"))
-    theirs_result = summarize(warm_t, runs_t, theirs.call("finish", bench))
-    ours_result = summarize(warm_o, runs_o, ours.call("finish", bench))
+        clean += load(len(attempts) - 1) <= MAX_OTHER_LOAD
+    by_load = sorted(range(len(attempts)), key=load)  # stable: earlier first on ties
+    keep = sorted(by_load[:repeats])
+    windows = around(probes)
+    return ({side: [attempts[i][side] for i in keep] for side in attempts[0]},
+            [windows[i] for i in keep], len(attempts) - len(keep))
+
+
+def run_paired(bench: str, repeats: int, remeasure: int, theirs: Served, ours: Served,
+               probe: Served) -> tuple:
+    """Warm both sides, then ``repeats`` back-to-back pairs with probes between them
+    (a disturbed pair measured again, up to ``remeasure`` times)."""
+    warm_t, warm_o = theirs.call("warm", bench), ours.call("warm", bench)
+
+    def pair(i: int) -> dict:
+        order = (theirs, ours) if i % 2 == 0 else (ours, theirs)
+        return {side.kind: side.call("once", bench) for side in order}
+    runs, during, dropped = timed_runs(pair, repeats, remeasure, probe)
+    theirs_result = summarize(warm_t, runs["transformers"], theirs.call("finish", bench),
+                              dropped)
+    ours_result = summarize(warm_o, runs["ours"], ours.call("finish", bench), dropped)
     ours_result["matmul"] = ours.ready.get("matmul")
-    during = around(probes)  # both sides ran between the same probes
-    return ours_result, theirs_result, during, during
+    return ours_result, theirs_result, during, during  # both ran between the same probes
 
 
-def run_alone(bench: str, repeats: int, start: Callable[[], Served], probe: Served) -> tuple:
+def run_alone(bench: str, repeats: int, remeasure: int, start: Callable[[], Served],
+              probe: Served) -> tuple:
     """One side in a fresh worker of its own, probes between its repeats."""
     side = start()
     try:
         warm = side.call("warm", bench)
-        runs, probes = [], [probe.call("probe")]
-        for _ in range(repeats):
-            runs.append(side.call("once", bench))
-            probes.append(probe.call("probe"))
-        result = summarize(warm, runs, side.call("finish", bench))
+        runs, during, dropped = timed_runs(lambda i: {"side": side.call("once", bench)},
+                                           repeats, remeasure, probe)
+        result = summarize(warm, runs["side"], side.call("finish", bench), dropped)
         result["matmul"] = side.ready.get("matmul")
         result["peak_rss_gb"] = side.close().get("peak_rss_gb")
     finally:
         side.kill()
-    return result, around(probes)
+    return result, during
 
 
 def around(probes: list[dict]) -> list[dict]:
-    """The machine's speed during run r: the mean of the probes before and after it."""
-    return [{key: (a[key] + b[key]) / 2 for key in ("matmul_gflops", "read_gbps")}
+    """The machine's speed during run r: the mean of the probes before and after it;
+    and the larger of their other processes' loads."""
+    return [{"matmul_gflops": (a["matmul_gflops"] + b["matmul_gflops"]) / 2,
+             "read_gbps": (a["read_gbps"] + b["read_gbps"]) / 2,
+             "other_load": max(a["other_load"], b["other_load"])}
             for a, b in zip(probes, probes[1:])]

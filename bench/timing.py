@@ -51,12 +51,19 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> f
     return statistics.median(repeat_seconds(fn, repeats))
 
 
+# Above this share of the pinned CPUs used by other processes, a timed run or probe is
+# noise: it is measured again, and a row left with such runs is unreliable, never met.
+MAX_OTHER_LOAD = 0.10
+
+
 class OtherLoad:
     """How much of our CPUs other processes used while a measurement ran (0..1).
 
     The machine may be shared: from ``/proc/stat`` take the busy time of our pinned
     CPUs, subtract this process's own CPU time, and divide by wall time x CPUs. A
-    value near 0 means the numbers are clean; above ~0.1 they are disturbed.
+    value near 0 means the numbers are clean; above ``MAX_OTHER_LOAD`` they are
+    disturbed. ``/proc/stat`` counts 10 ms ticks, so a run of well under a second
+    (the ``tiny`` preset's) reads a few ticks' worth of noise either way.
     """
 
     def __init__(self):

@@ -52,8 +52,9 @@ def _torch_threads(n: int) -> None:
 def serve(side, commands, replies) -> None:
     """Answer the parent's commands, one JSON object per line each way: ``warm``,
     ``once`` and ``finish`` (with ``bench``) drive one benchmark, ``probe`` measures the
-    machine's speed now, ``exit`` ends. A failure is answered with ``error`` and the
-    worker goes on (the parent decides)."""
+    machine's speed now, ``exit`` ends; ``once`` and ``probe`` also report the share of
+    the pinned CPUs other processes used meanwhile (``other_load``). A failure is
+    answered with ``error`` and the worker goes on (the parent decides)."""
     current: dict = {}
     for line in commands:
         cmd = json.loads(line)
@@ -61,17 +62,15 @@ def serve(side, commands, replies) -> None:
         if op == "exit":
             break
         try:
-            if op == "probe":
+            if op in ("once", "probe"):
                 from bench import ceilings
-                reply = ceilings.probe()
+                with OtherLoad() as load:
+                    reply = ceilings.probe() if op == "probe" else current[cmd["bench"]].once()
+                reply["other_load"] = load.value
             elif op == "warm":
                 current.clear()  # drop the previous benchmark's buffers first
                 current[cmd["bench"]] = bench = side.bench(cmd["bench"])
                 reply = bench.warm()
-            elif op == "once":
-                with OtherLoad() as load:
-                    reply = current[cmd["bench"]].once()
-                reply["other_load"] = load.value
             elif op == "finish":
                 reply = current[cmd["bench"]].finish()
             else:

@@ -28,8 +28,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--presets", "tiny", "--repeats", "1", "--no-plan",
-         "--ceiling-matmul-n", "512", "--ceiling-read-mib", "64",
+        [sys.executable, "-m", "bench", "--presets", "tiny", "--repeats", "1", "--remeasure", "1",
+         "--no-plan", "--ceiling-matmul-n", "512", "--ceiling-read-mib", "64",
          "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -54,6 +54,10 @@ def test_json_has_the_issue_shape(tiny_run):
         # Warm-up compiles everything; the timed repeats must not compile again.
         assert entry["compiles_after_warmup"] == 0, bench
         assert 0.0 <= entry["other_load"] <= 1.0
+        assert 0.0 < entry["fraction_of_ceiling"] <= 1.0
+        # measured while other processes held > 10% of the CPUs: never met
+        assert entry["verdict"] == "unreliable" or entry["other_load"] <= 0.1
+        assert entry["meets_target"] == (entry["verdict"] == "met")
 
 
 def test_both_sides_ran_the_same_model(tiny_run):
@@ -80,12 +84,9 @@ def test_mfu_is_model_flops_over_the_matmul_ceiling():
     fwd = 2 * (n * (qkvo + 3 * d * f) + d * v) + 2 * n * cfg.num_attention_heads * cfg.head_dim * 512
     tokens = 4 * 512
     seconds = 2.0
-    ceil = {"matmul_gflops": 100.0, "read_gbps": 10.0}
     assert tokens_per_step(p, "forward") == tokens
-    assert report.fraction_of_ceiling(p, "forward", seconds, ceil) == pytest.approx(
-        fwd * tokens / seconds / 100e9)
-    assert report.fraction_of_ceiling(p, "train", seconds, ceil) == pytest.approx(
-        3 * fwd * tokens / seconds / 100e9)
+    assert report.rate(p, "forward", seconds) == pytest.approx(fwd * tokens / seconds)
+    assert report.rate(p, "train", seconds) == pytest.approx(3 * fwd * tokens / seconds)
 
 
 def test_decode_bound_counts_weights_once_and_the_cache():
@@ -121,6 +122,7 @@ def test_missing_benchmark_is_reported_not_crashed():
     (["--presets", "huge"], "unknown huge"),
     (["--benches", "forward,sprint"], "unknown sprint"),
     (["--repeats", "0"], "--repeats must be >= 1"),
+    (["--remeasure", "-1"], "--remeasure must be >= 0"),
     (["--threads", "999"], "--threads must be between 1 and"),
     (["--json", "/no/such/dir/out.json"], "its directory does not exist"),
 ])
@@ -172,8 +174,10 @@ def test_unstacked_layers_compute_what_the_scan_computes(out_in, tied):
         assert cache.max_len == t + 4
         return full, step, jnp.stack(per_layer_cache(cache)[0])  # [L,B,K,S,H]
 
+    # float32 sums in another order (the transposed weights' product): 1.8e-5 apart on
+    # the AVX2 Zen 2 box of 2026-12-02, logits of magnitude ~10
     for a, b in zip(run(stacked), run(unstacked)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=5e-5)
 
 
 def test_decode_layout_consume_frees_the_stacked_weights_as_it_goes():
@@ -207,10 +211,13 @@ def test_a_benchmark_too_big_for_free_memory_is_skipped(monkeypatch):
 
 class _FakeServed:
     """Stands in for a bench.paired.Served worker: canned replies, every call logged;
-    the workers of ``fail_preset`` fail as they start; warming up ``fail_bench`` fails."""
+    the workers of ``fail_preset`` fail as they start; warming up ``fail_bench`` fails;
+    ``loads[kind]`` are the other-process loads of that kind's successive timed runs
+    (or probes), the last one repeating (0 without any)."""
     calls: list = []
     fail_preset = None
     fail_bench = None
+    loads: dict = {}
 
     def __init__(self, kind, args, workdir, timeout, **opts):
         from bench import paired
@@ -224,9 +231,11 @@ class _FakeServed:
         self.calls.append((self.kind, op, bench))
         if op == "warm" and bench == self.fail_bench and self.kind == "ours":
             raise paired.WorkerFailed(f"the ours worker failed (exit -9) during warm {bench}")
-        return {"probe": {"matmul_gflops": 10.0, "read_gbps": 1.0},
+        loads = self.loads.get(self.kind) or [0.0]
+        load = loads.pop(0) if op in ("once", "probe") and len(loads) > 1 else loads[0]
+        return {"probe": {"matmul_gflops": 10.0, "read_gbps": 1.0, "other_load": load},
                 "warm": {"first_call_s": 1.0, "compile_s": 0.5},
-                "once": {"seconds": self.seconds, "other_load": 0.0},
+                "once": {"seconds": self.seconds, "other_load": load},
                 "finish": {"compiles_after_warmup": 0}}[op]
 
     def close(self):
@@ -236,7 +245,8 @@ class _FakeServed:
         pass
 
 
-def _fake_bench(monkeypatch, free_gib=1000.0, fail_preset=None, fail_bench=None):
+def _fake_bench(monkeypatch, free_gib=1000.0, fail_preset=None, fail_bench=None,
+                loads=None, remeasure=3):
     import argparse
 
     from bench import cli as bench_cli
@@ -248,10 +258,12 @@ def _fake_bench(monkeypatch, free_gib=1000.0, fail_preset=None, fail_bench=None)
     monkeypatch.setattr(_FakeServed, "calls", [])
     monkeypatch.setattr(_FakeServed, "fail_preset", fail_preset)
     monkeypatch.setattr(_FakeServed, "fail_bench", fail_bench)
+    monkeypatch.setattr(_FakeServed, "loads", {k: list(v) for k, v in (loads or {}).items()})
     monkeypatch.setattr(bench_cli, "Served", _FakeServed)
     monkeypatch.setattr(bench_cli.machine, "available_gib", lambda: free_gib)
     return bench_cli, argparse.Namespace(threads=1, worker_timeout=1, ceiling_matmul_n=64,
-                                         ceiling_read_mib=1, no_plan=True, repeats=2, seed=0)
+                                         ceiling_read_mib=1, no_plan=True, repeats=2, seed=0,
+                                         remeasure=remeasure)
 
 
 def test_a_failed_worker_costs_only_its_preset(monkeypatch, tmp_path):
@@ -308,6 +320,133 @@ def test_a_pair_that_does_not_fit_runs_each_side_alone(monkeypatch, tmp_path):
     assert not entry["paired"] and entry["pair_ratios"] == [] and entry["ratio"] == 2.0
     kinds = [c[0] for c in _FakeServed.calls if c[1] == "once"]
     assert kinds == ["transformers", "transformers", "ours", "ours"]
+
+
+def test_a_disturbed_pair_is_measured_again_and_left_out(monkeypatch, tmp_path):
+    # our first timed run shares the CPUs with other processes (30% of them): that pair
+    # is measured again; the two clean pairs are kept and the row can be met
+    bench_cli, args = _fake_bench(monkeypatch, loads={"ours": [0.3, 0.0]})
+    result = bench_cli.measure(args, ["tiny"], ["decode_b8"], str(tmp_path))
+    t, o = "transformers", "ours"
+    assert [c[0] for c in _FakeServed.calls if c[1] == "once"] == [t, o, o, t, t, o]
+    entry = result["tiny"]["decode_b8"]
+    assert entry["remeasured"] == {"ours": 1, "transformers": 1}
+    assert entry["other_load_runs"] == {"ours": [0.0, 0.0], "transformers": [0.0, 0.0]}
+    assert entry["other_load"] == 0.0 and entry["pair_ratios"] == [2.0, 2.0]
+    assert entry["verdict"] == "met" and entry["meets_target"]
+
+
+def test_a_row_disturbed_after_every_remeasure_is_unreliable_never_met(monkeypatch,
+                                                                       tmp_path):
+    """The issue's case: other processes held 52% of the CPUs throughout. Each benchmark
+    is measured repeats + remeasure times, no more, and reported unreliable in the JSON
+    and the table though its ratio (2x) would meet every ratio target."""
+    bench_cli, args = _fake_bench(monkeypatch, loads={"ours": [0.52]}, remeasure=3)
+    result = bench_cli.measure(args, ["tiny"], ["decode_b8", "train"], str(tmp_path))
+    runs = [c[:2] for c in _FakeServed.calls if c[1] == "once"]
+    # paired decode_b8: 5 pairs; train, each side alone: theirs clean (2), ours 5
+    assert runs.count(("ours", "once")) == 10 and runs.count(("transformers", "once")) == 7
+    bench_cli._write_json(str(tmp_path / "bench.json"), result)
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["settings"]["max_other_load"] == 0.1
+    for bench in ("decode_b8", "train"):
+        entry = saved["tiny"][bench]
+        assert entry["ratio"] == 2.0 and entry["other_load"] == 0.52
+        assert entry["other_load_runs"]["ours"] == [0.52, 0.52]
+        assert entry["remeasured"]["ours"] == 3
+        assert entry["verdict"] == "unreliable" and entry["meets_target"] is False
+        assert entry["unreliable_because"] == ("other processes used 52% of the pinned "
+                                               "CPUs (limit 10%)")
+    table = report.table(saved, ["tiny"])
+    assert table.count("| unreliable: other processes used 52%") == 2
+    assert "| yes |" not in table
+
+
+def test_the_least_disturbed_pairs_are_kept_and_a_noisy_probe_counts(monkeypatch, tmp_path):
+    # pairs' loads 0.3, 0, 0.2, 0.6 with 2 re-measures: the budget runs out with one
+    # clean pair; the 2 least disturbed (0 and 0.2) are kept, in order, and the row is
+    # unreliable. A probe's load taints the pairs on either side of it: probes 0, 0.4, 0
+    # make both pairs noisy.
+    bench_cli, args = _fake_bench(monkeypatch, loads={"ours": [0.3, 0.0, 0.2, 0.6]},
+                                  remeasure=2)
+    entry = bench_cli.measure(args, ["tiny"], ["decode_b8"], str(tmp_path))["tiny"]["decode_b8"]
+    assert entry["other_load_runs"]["ours"] == [0.0, 0.2] and entry["other_load"] == 0.2
+    assert entry["remeasured"]["ours"] == 2 and entry["verdict"] == "unreliable"
+    bench_cli, args = _fake_bench(monkeypatch, loads={"probe": [0.0, 0.4, 0.0]}, remeasure=0)
+    entry = bench_cli.measure(args, ["tiny"], ["decode_b8"], str(tmp_path))["tiny"]["decode_b8"]
+    assert entry["other_load_runs"]["ours"] == [0.4, 0.4] and entry["verdict"] == "unreliable"
+
+
+def _side(seconds, load=0.0):
+    return {"seconds": statistics.median(seconds), "seconds_all": list(seconds),
+            "other_load_runs": [load] * len(seconds), "remeasured": 0,
+            "compiles_after_warmup": 0}
+
+
+def _probes(read_gbps, load=0.0):
+    return [{"matmul_gflops": 1.0, "read_gbps": g, "other_load": load} for g in read_gbps]
+
+
+def test_a_run_faster_than_its_ceiling_raises_the_ceiling_and_is_never_met():
+    """decode_b1 on tiny reads 531,200 bytes a step; the probes around each pair saw
+    0.65 MB/s (scaled by nothing: no PyTorch figure in these ceilings)."""
+    p, per_step = PRESETS["tiny"], decode_bytes_per_step(PRESETS["tiny"], "decode_b1")
+    ceilings = {"matmul_gflops": 1.0, "read_gbps": 6.5e-4}
+    ours, theirs = _side([0.9, 0.95, 1.0]), _side([1.8, 1.9, 2.0])
+    # every run under its window's ceiling: the plain median of rate / ceiling (86%)
+    clean = _probes([6.5e-4] * 3)
+    entry = report.bench_entry(p, "decode_b1", ours, theirs, clean, clean, True,
+                               ceilings=ceilings)
+    assert entry["fraction_of_ceiling"] == pytest.approx(per_step / 0.95 / 6.5e5)
+    assert entry["ceiling_raised_runs"] == 0 and entry["verdict"] == "met"
+    # the first two pairs' probes read 0.1 MB/s, under our 0.59 and 0.56 MB/s: those
+    # windows' ceilings become our rates (our median fraction 100%, not 559%; theirs
+    # 50%), and with the ceiling shown wrong the fraction target is unreliable
+    low = _probes([1e-4, 1e-4, 6.5e-4])
+    entry = report.bench_entry(p, "decode_b1", ours, theirs, low, low, True,
+                               ceilings=ceilings)
+    assert entry["fraction_of_ceiling"] == pytest.approx(1.0)
+    assert entry["transformers_fraction_of_ceiling"] == pytest.approx(0.5)
+    assert entry["ceiling_raised_runs"] == 2
+    assert (entry["verdict"], entry["unreliable_because"]) == (
+        "unreliable", "a run beat the ceiling measured around it")
+    assert not entry["meets_target"]
+
+
+@pytest.mark.parametrize("bench", BENCHMARKS)
+@pytest.mark.parametrize("paired", [True, False])
+def test_no_fraction_exceeds_the_ceiling(bench, paired):
+    """Random timings and probes, most below the runs' rates: every fraction stays in
+    (0, 1], and transformers' ratio at the ceiling at least 1."""
+    p = PRESETS["tiny"]
+    rng = np.random.default_rng(BENCHMARKS.index(bench))
+    scale = report.rate(p, bench, 1.0) / 1e9  # the rate of a 1 s run, in G/s
+    for _ in range(50):
+        ours, theirs = (_side(rng.uniform(0.2, 5.0, 5)) for _ in range(2))
+        probes = [{"matmul_gflops": g, "read_gbps": g, "other_load": 0.0}
+                  for g in scale * rng.uniform(0.01, 2.0, 5)]
+        entry = report.bench_entry(p, bench, ours, theirs, probes, probes, paired,
+                                   ceilings={"matmul_gflops": scale, "read_gbps": scale})
+        for key in ("fraction_of_ceiling", "transformers_fraction_of_ceiling",
+                    "fraction_of_run_ceiling"):
+            assert 0.0 < entry[key] <= 1.0, (key, entry[key])
+        assert entry["ratio_at_ceiling"] >= 1.0
+
+
+@pytest.mark.parametrize("change, verdict", [
+    ({}, "met"),
+    ({"ratio": 1.2}, "not met"),
+    ({"fraction_of_ceiling": 0.7}, "not met"),
+    ({"other_load": 0.11, "ratio": 1.2}, "unreliable"),  # slow under load: not "not met"
+    ({"other_load": 0.1}, "met"),                        # the limit itself is clean
+    ({"compiles_after_warmup": 1, "other_load": 0.5}, "not met"),  # a count, not a timing
+    ({"ceiling_raised_runs": 1}, "unreliable"),
+    ({"ceiling_raised_runs": 1, "ratio": 1.2}, "not met"),
+])
+def test_verdicts(change, verdict):
+    entry = {"ratio": 2.0, "fraction_of_ceiling": 0.9, "compiles_after_warmup": 0,
+             "other_load": 0.0, "ceiling_raised_runs": 0, **change}
+    assert report.verdict("decode_b1", entry)[0] == verdict
 
 
 @pytest.mark.parametrize("impl", [None, "xla"])
