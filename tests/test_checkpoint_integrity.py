@@ -323,3 +323,23 @@ def test_exported_bpe_tokenizer_loads_in_autotokenizer_and_encodes_like_ours(tmp
         assert auto(text, add_special_tokens=False).input_ids == ours.encode(text, add_bos=False)
         assert auto.decode(want, skip_special_tokens=True) == ours.decode(want), text
     assert (auto.bos_token_id, auto.eos_token_id) == (ours.bos_id, ours.eos_ids[0])
+
+
+def test_training_from_a_damaged_checkpoint_is_one_line(native, tiny_hf_dir, tmp_path):
+    """train verifies a native ``model.init_from`` like every other command, before any
+    compile; ``model.verify: false`` is its opt-out (the same keyword as load_model's)."""
+    from tests.train_support import tiny_run
+    from train.loop import run_training
+    bad = _copy(native, tmp_path / "flipped")
+    victim = _largest_data_file(bad)
+    data = bytearray(open(victim, "rb").read())
+    data[len(data) // 2] ^= 0x10
+    open(victim, "wb").write(data)
+    run = tiny_run(tmp_path / "run", model={"preset": None, "init_from": bad,
+                                            "compute_dtype": "float32"},
+                   data={"seq_len": 16, "tokenizer": hf_fixtures.add_word_tokenizer(
+                       tiny_hf_dir, tmp_path / "tok", ["fever", "cough"])},
+                   train={"steps": 1, "mesh": "fsdp=1"})
+    with pytest.raises(UserError, match=rf"^{re.escape(victim)}: CRC-32"):
+        run_training(run)
+    assert tiny_run(tmp_path / "run2", model={"verify": False}).model.verify is False

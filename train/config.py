@@ -28,6 +28,7 @@ class ModelSection:
     preset: str | None = "tiny"          # used when neither init_from nor config is given
     config: str | None = None            # an HF config.json (or its directory) for random init
     init_from: str | None = None         # HF snapshot or native checkpoint directory
+    verify: bool = True                  # check a native init_from against its checksums.json
     overrides: dict = field(default_factory=dict)  # LlamaConfig fields, e.g. {vocab_size: 512}
     init_std: float = 0.02
     param_dtype: str = "float32"         # master weights (LoRA: the frozen base)

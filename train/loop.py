@@ -64,7 +64,8 @@ def _load_base(run: RunConfig, cfg, mesh, rules, dtype):
         return jax.tree.map(lambda x: x.astype(dtype), params)
     if src:
         from meditron_jax.loading import load_model
-        loaded = load_model(src, shardings=lambda c: param_shardings(c, mesh, rules), dtype=dtype)
+        loaded = load_model(src, shardings=lambda c: param_shardings(c, mesh, rules), dtype=dtype,
+                            verify=run.model.verify)
         return loaded.params
     return init_sharded(cfg, jax.random.key(run.train.seed), mesh, rules, dtype,
                         run.model.init_std)
