@@ -16,7 +16,7 @@ import pytest
 
 from meditron_jax.errors import UserError
 from tests.train_support import compilation_cache, losses, tiny_run, tiny_run_dict, to_overrides
-from train.loop import STALL_ENV, run_training
+from train.loop import run_training
 
 
 @pytest.fixture(scope="module")
@@ -55,24 +55,28 @@ def test_one_device_matches_eight(reference, tmp_path):
         assert got[step] == pytest.approx(ref[step], rel=1e-5), step
 
 
-def _start(out, log_path, extra_env):
+def _start(out, log_path):
     cmd = [sys.executable, "-m", "meditron_jax", "train", *sum(
         (["--set", s] for s in to_overrides(tiny_run_dict(out))), [])]
-    env = {**os.environ, **extra_env}
     log = open(log_path, "w")
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log
 
 
-def _wait_for(text, log_path, proc, timeout=240.0):
+def _wait_until(ready, what, log_path, proc, timeout=240.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        content = open(log_path).read()
-        if text in content:
+        if ready():
             return
         if proc.poll() is not None:
-            raise AssertionError(f"child exited {proc.returncode} before {text!r}:\n{content[-3000:]}")
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {text!r}:\n{open(log_path).read()[-3000:]}")
+            raise AssertionError(f"child exited {proc.returncode} before {what}:\n"
+                                 f"{open(log_path).read()[-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}:\n{open(log_path).read()[-3000:]}")
+
+
+def _first_step(log_path):
+    """The "train:" line: the signal arrives while the first step compiles."""
+    return lambda: "train:" in open(log_path).read()
 
 
 @pytest.fixture(scope="module")
@@ -84,12 +88,13 @@ def interrupted(tmp_path_factory, reference):
         for name, sig in (("sigkill", signal.SIGKILL), ("sigterm", signal.SIGTERM)):
             out = tmp_path_factory.mktemp(name)
             log_path = str(out) + ".log"
-            proc, log = _start(out, log_path, {STALL_ENV: "10"})
+            proc, log = _start(out, log_path)
             procs.append((proc, log))
             runs[name] = (out, log_path, proc, sig)
         for name, (out, log_path, proc, sig) in runs.items():
-            _wait_for("stalled after step 10", log_path, proc)
-            proc.send_signal(sig)
+            ckpt = os.path.join(out, "checkpoints", "10")
+            _wait_until(lambda: os.path.isdir(ckpt), "checkpoint 10", log_path, proc)
+            proc.send_signal(sig)  # mid-training, with the step-15 save not yet done
             proc.wait(timeout=120)
         yield {name: (out, log_path, proc.returncode) for name, (out, log_path, proc, _) in runs.items()}
     finally:
@@ -104,39 +109,40 @@ def interrupted(tmp_path_factory, reference):
 def test_resume_after_kill_is_bitwise_identical(interrupted, reference, name):
     out, log_path, rc = interrupted[name]
     log = open(log_path).read()
+    stopped = max(int(d) for d in os.listdir(os.path.join(out, "checkpoints")) if d.isdigit())
+    assert 10 <= stopped < 20
     if name == "sigterm":
         assert rc == 0, log[-2000:]
-        assert "preempted (SIGTERM) at step 10; checkpoint saved" in log
-        # checkpoint.every=5 saved 5 and 10 already; the preemption save at 10 is the same step
+        assert f"preempted (SIGTERM) at step {stopped}; checkpoint saved" in log
     else:
         assert rc == -signal.SIGKILL
         # the killed run's lock file is left behind; the kernel released its lock, so it
         # does not block the rerun below
         assert os.path.exists(os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.lock"))
-    assert max(int(d) for d in os.listdir(os.path.join(out, "checkpoints")) if d.isdigit()) == 10
+        assert stopped in (10, 15)  # the last complete periodic checkpoint
     resumed = run_training(tiny_run(out))
-    assert resumed["start_step"] == 10 and resumed["steps"] == 20
+    assert resumed["start_step"] == stopped and resumed["steps"] == 20
     ref = reference[2]
     got = losses(resumed["metrics"])
     assert sorted(got) == list(range(1, 21))  # metrics.jsonl reads as one run
-    assert [got[s] for s in range(11, 21)] == [ref[s] for s in range(11, 21)]  # bitwise
+    assert [got[s] for s in range(stopped + 1, 21)] == [ref[s] for s in range(stopped + 1, 21)]
 
 
 @pytest.mark.parametrize("sig,status,word", [(signal.SIGTERM, 0, "preempted"),
                                               (signal.SIGINT, 130, "interrupted")])
 def test_signal_saves_a_step_the_schedule_would_not(tmp_path, reference, sig, status, word):
-    """With no periodic checkpoint due, SIGTERM (a preemption) or Ctrl-C alone must save
-    step 10 (Ctrl-C used to exit 130 with every step since the last checkpoint lost)."""
+    """With no periodic checkpoint due, SIGTERM (a preemption) or Ctrl-C during the first
+    step's compilation alone must save step 1 (Ctrl-C used to exit 130 with every step
+    since the last checkpoint lost)."""
     raw = tiny_run_dict(tmp_path, checkpoint={"every": 1000})
     cmd = [sys.executable, "-m", "meditron_jax", "train",
            *sum((["--set", s] for s in to_overrides(raw)), [])]
     log_path = str(tmp_path) + ".log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, STALL_ENV: "10"})
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         try:
-            _wait_for("stalled after step 10", log_path, proc)
-            assert not os.path.exists(os.path.join(tmp_path, "checkpoints", "10"))
+            _wait_until(_first_step(log_path), "the first step", log_path, proc)
+            assert not os.listdir(os.path.join(tmp_path, "checkpoints"))
             proc.send_signal(sig)
             assert proc.wait(timeout=120) == status
         finally:
@@ -144,14 +150,14 @@ def test_signal_saves_a_step_the_schedule_would_not(tmp_path, reference, sig, st
                 proc.kill()
                 proc.wait(timeout=30)
     out = open(log_path).read()
-    assert f"train: {word} ({sig.name}) at step 10; checkpoint saved" in out, out[-2000:]
+    assert f"train: {word} ({sig.name}) at step 1; checkpoint saved" in out, out[-2000:]
     assert f'"signal": "{sig.name}"' in out
-    assert os.listdir(os.path.join(tmp_path, "checkpoints")) == ["10"]
+    assert os.listdir(os.path.join(tmp_path, "checkpoints")) == ["1"]
     if sig == signal.SIGINT:  # the rerun goes on as the uninterrupted run did
         resumed = run_training(tiny_run(tmp_path, checkpoint={"every": 1000}))
-        assert resumed["start_step"] == 10
+        assert resumed["start_step"] == 1
         ref, got = reference[2], losses(resumed["metrics"])
-        assert [got[s] for s in range(11, 21)] == [ref[s] for s in range(11, 21)]
+        assert [got[s] for s in range(2, 21)] == [ref[s] for s in range(2, 21)]
 
 
 def test_checkpoint_of_another_model_is_refused(reference):

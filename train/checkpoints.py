@@ -128,9 +128,10 @@ class Checkpointer:
         check_meta(self.read_meta(step), meta, f"{self.directory}/{step}")
         data = os.path.join(self.directory, str(step), "data")
         if not os.path.isfile(os.path.join(data, self._data)):
-            raise UserError(f"{data}: no {self._data}, only {', '.join(sorted(os.listdir(data)))}: "
-                            "resume with as many processes as wrote the checkpoint (each "
-                            "process keeps its own data position)")
+            saved = sorted(n for n in os.listdir(data) if n.endswith(".json"))
+            raise UserError(f"{data}: no {self._data} (it holds {', '.join(saved)}); resume "
+                            "with as many processes as wrote the checkpoint (each process "
+                            "keeps its own data position)")
         out = self._mgr.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(with_shardings(abstract.params, shardings.params)),
             opt=ocp.args.StandardRestore(with_shardings(_opt(abstract), _opt(shardings))),

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import time
 
 import jax
 import numpy as np
@@ -36,11 +35,6 @@ from train.optim import make_optimizer, schedule
 from train.step import (StepOptions, abstract_state, batch_shardings, init_state,
                         jit_eval_step, jit_train_step, make_eval_step, make_train_step,
                         state_shardings)
-
-# Fault injection for the resume tests: after this step (and its checkpoint), wait
-# for SIGTERM or SIGKILL instead of going on, like a host that is about to be preempted.
-STALL_ENV = "MEDITRON_FAULT_STALL_AFTER_STEP"
-
 
 class TrainingDiverged(UserError):
     """A non-finite loss or gradient norm."""
@@ -165,7 +159,6 @@ def _train(run: RunConfig, out: str, preemption: Preemption) -> dict:
                             peak_flops(mesh.devices.flat, run.model.compute_dtype,
                                        run.log.cpu_peak_flops))
     writer.message(f"train: {throughput.describe()}")
-    stall = int(os.environ.get(STALL_ENV, "0") or 0)
     last: dict = {}
     rates: list[float] = []
     stopped_by = None
@@ -196,11 +189,6 @@ def _train(run: RunConfig, out: str, preemption: Preemption) -> dict:
             if step % run.checkpoint.every == 0 or step == run.train.steps:
                 ckpt.save(step, state, data.train.get_state(), meta)
             ckpt.check()  # a background save that failed stops training here
-            if step == stall:
-                ckpt.wait()
-                writer.message(f"{STALL_ENV}: stalled after step {step}")
-                while not preemption.reached(step):
-                    time.sleep(0.02)
             if preemption.reached(step):
                 stopped_by = preemption.signal or "SIGTERM"  # several processes: JAX's notice
                 ckpt.save(step, state, data.train.get_state(), meta)
