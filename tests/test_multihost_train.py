@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from meditron_jax.errors import UserError
-from tests.test_multihost import free_port
+from tests.multihost_support import free_port
 from tests.test_train_kill import TIMING_KEYS, data_positions, native_arrays
 from tests.train_support import QA, tiny_run_dict, to_overrides
 from train import setup
