@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import socket
+import time
 from typing import IO, Callable, Iterator
 
 from meditron_jax.errors import UserError
@@ -105,10 +106,21 @@ def staged_dir(dest: str | os.PathLike, *, lead: bool = True,
             replace_dir(staging, dest)
     except BaseException:
         if lead:
-            shutil.rmtree(staging, ignore_errors=True)
+            _remove_settled(staging)
         raise
     if barrier:
         barrier(f"staged_dir:done:{dest}")
+
+
+def _remove_settled(path: str, settle_s: float = 2.0) -> None:
+    """Remove a failed write's staging directory. A failed Orbax save can raise while its
+    other writer threads are still finishing (they recreate directories as they write),
+    so remove it until it stays gone for 0.3 s (at most ``settle_s`` in all)."""
+    deadline, gone = time.monotonic() + settle_s, 0
+    while gone < 3 and time.monotonic() < deadline:
+        shutil.rmtree(path, ignore_errors=True)
+        time.sleep(0.1)
+        gone = 0 if os.path.lexists(path) else gone + 1
 
 
 def replace_dir(src: str, dest: str) -> None:

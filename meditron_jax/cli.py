@@ -8,6 +8,7 @@ user's bad input is reported before JAX starts. This file sits above the layers
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import logging
@@ -91,31 +92,40 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(sub_parser)
     rest = argv[argv.index(first) + 1:]
     args = sub_parser.parse_args(rest)
-    _warnings_to_stderr(first)
-    try:
-        result = module.run(args)
-    except UserError as exc:
-        print(f"meditron-jax {first}: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # a file-system error no command turned into its own line
-        from meditron_jax.atomic import os_error_line
-        print(f"meditron-jax {first}: error: {os_error_line(exc)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"meditron-jax {first}: interrupted", file=sys.stderr)
-        return 130
-    return int(result or 0)
+    with _warnings_to_stderr(first):
+        try:
+            result = module.run(args)
+        except UserError as exc:
+            print(f"meditron-jax {first}: error: {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:  # a file-system error no command turned into its own line
+            from meditron_jax.atomic import os_error_line
+            print(f"meditron-jax {first}: error: {os_error_line(exc)}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print(f"meditron-jax {first}: interrupted", file=sys.stderr)
+            return 130
+        return int(result or 0)
 
 
-def _warnings_to_stderr(command: str) -> None:
+@contextlib.contextmanager
+def _warnings_to_stderr(command: str):
     """The library's warnings (logger ``meditron_jax``: ignored config keys, checkpoints
-    without checksums, ...) as one line each, in the same shape as its errors."""
+    without checksums, skipped data, ...) as one line each, in the shape of its errors,
+    and only there (not again through a handler some library put on the root logger)."""
     log = logging.getLogger("meditron_jax")
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(f"meditron-jax {command}: warning: %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.WARNING)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"meditron-jax {command}: warning: %(message)s"))
+    saved = log.level, log.propagate
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING)
+    log.propagate = False
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(saved[0])
+        log.propagate = saved[1]
 
 
 def _skip_absent_tpu() -> None:

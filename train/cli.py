@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _log_other_libraries()
     _quiet_orbax()
     from sharding import initialize_distributed
     initialize_distributed()
@@ -89,6 +89,19 @@ def run(args: argparse.Namespace) -> int:
 
 def _status(signal_name: str | None) -> int:
     return 130 if signal_name == "SIGINT" else 0
+
+
+@functools.cache  # once per process
+def _log_other_libraries() -> None:
+    """Other libraries' warnings (Orbax, absl, JAX) as ``LEVEL name: message``, unless the
+    embedding program configured logging (ours are the CLI's one-line warnings)."""
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
 
 
 @functools.cache  # once per process
