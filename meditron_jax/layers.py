@@ -107,12 +107,12 @@ def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
 
     Each step is the float32 operation of transformers' ``_compute_*_rope_parameters``, in
     its order: Python scalars cast to float32, ``scalar / tensor`` as :func:`_rdiv`.
-    ``theta ** (2i / d)`` is rounded from float64, not taken from numpy's float32 ``power``:
-    on AVX-512 hosts that dispatches to Intel SVML, not correctly rounded, and issue 16 saw
-    13 of the 64 Llama-3.1 frequencies one rounding step off there (logits 8.5e-3 off at
-    32K positions). torch's float32 pow (SLEEF, within 1 ulp, one algorithm on AVX2 and
-    AVX-512) equals the correctly rounded value at the settings tests/test_rope_long.py
-    checks; at some others (theta 1e6, head_dim 128) it is one step off in one frequency.
+    ``theta ** (2i / d)`` is rounded from float64, not taken from numpy's float32 ``power``,
+    which on AVX-512 hosts dispatches to Intel SVML and is not correctly rounded (a
+    one-step error in a frequency moves logits by ~1e-2 at 32K positions). torch's float32
+    pow (SLEEF, within 1 ulp on AVX2 and AVX-512 alike) equals the correctly rounded value
+    at the settings tests/test_rope_long.py checks; at some others (theta 1e6, head_dim
+    128) it is one step off in one frequency.
     """
     f32 = np.float32
     exponents = np.arange(0, cfg.head_dim, 2, dtype=np.int64).astype(f32) / f32(cfg.head_dim)
