@@ -17,7 +17,7 @@ BATCH, SEQ = 8, 2048
 
 def measure() -> dict:
     """Runs inside a worker with 8 CPU devices (set before JAX starts)."""
-    from bench.plan import load_config, make_plan
+    from cli.plan import load_config, make_plan
 
     cfg = load_config(MODEL)
     out: dict = {

@@ -2,9 +2,7 @@
 paths users run (``model.forward`` under jit, ``infer``'s Generator, ``train``'s step).
 
 Each benchmark warms up (compiling), then marks the compile counter, so any
-recompilation during the timed runs shows up in ``compiles_after_warmup``. On one CPU
-Intel CPU device the float32 matmuls go to oneMKL when it is installed
-(:mod:`meditron_jax.cpu_gemm`); ``matmul`` in the results says which ran.
+recompilation during the timed runs shows up in ``compiles_after_warmup``.
 """
 from __future__ import annotations
 
@@ -113,8 +111,7 @@ class _Train(_Measured):
                              eps=hp["eps"], clip_norm=hp["clip_norm"])
         optimizer = make_optimizer(optim, total_steps=1)
         mesh, rules = make_mesh("data=1", jax.devices()[:1]), RULES["train"]
-        opts = StepOptions(compute_dtype=jnp.float32, remat=p.work.train_remat,
-                           scan_layers=p.work.train_scan_layers)
+        opts = StepOptions(compute_dtype=jnp.float32, remat=p.work.train_remat)
         shardings = state_shardings(p.cfg, abstract_state(p.cfg, optimizer), mesh, rules)
         step_fn = jit_train_step(
             make_train_step(p.cfg, optimizer, schedule(optim, 1), opts,
@@ -139,18 +136,16 @@ class Side:
     come last: its donated state consumes the loaded parameters."""
 
     def __init__(self, p: BenchPreset, weights_dir: str):
-        from meditron_jax import cpu_gemm
-        from meditron_jax.loading import load_model
+        from meditron_jax.io.loading import load_model
 
         self.p, self.weights_dir = p, weights_dir
         self.counter = CompileCounter()
         self.model = load_model(weights_dir)
         self.decoding = None
-        impl = cpu_gemm.resolve()  # one Intel CPU device: oneMKL's GEMMs when installed
-        self.matmul = f"blas ({cpu_gemm.status()[0]})" if impl == "blas" else "xla"
+        self.matmul = "xla"
 
     def bench(self, name: str) -> Bench:
-        from meditron_jax.model import decode_layout
+        from meditron_jax.model import unstack_layers
 
         if name == "forward":
             return _Forward(self.model.params, self.p, self.counter, self.weights_dir)
@@ -158,7 +153,7 @@ class Side:
             self.decoding = None  # free the per-layer copies first
             return _Train(self.model.params, self.p, self.counter)
         if self.decoding is None:
-            # per-layer, transposed weights: XLA:CPU decodes faster (model.decode_layout)
+            # per-layer weights, as `generate` decodes on one CPU device (unstack_layers)
             self.decoding = dataclasses.replace(self.model,
-                                                params=decode_layout(self.model.params))
+                                                params=unstack_layers(self.model.params))
         return _Generate(self.decoding, self.p, name, self.counter)

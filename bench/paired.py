@@ -1,8 +1,7 @@
 """Paired measurement: both sides alive at once, their timed runs alternating.
 
-The benchmark box is a shared VM whose speed drifts by up to 2x within a minute
-(bench/NOTES.md: a oneMKL 2048^3 matmul measured 155-318 GFLOP/s over 40 s). Timing
-one side's repeats and then the other's lets that drift into the ratio. Here the
+The benchmark box is a shared VM whose speed can drift by 2x within a minute
+(bench/NOTES.md has the measurements). Timing one side's repeats and then the other's lets that drift into the ratio. Here the
 parent keeps a transformers worker, our worker and a small probe worker running, and
 for each repeat r of a benchmark times one run of each side back to back (the order
 alternating between repeats), with a probe of the machine's matmul and read speed
@@ -124,13 +123,11 @@ class Served:
 
 
 # Benchmarks whose two sides each run alone (their own worker, probes between repeats),
-# never in back-to-back pairs: on the Zen 5 VM of 2026-12-02 our training step right
-# after transformers' ran 6.9-7.8 s, right after a probe 4.6-4.9 s (transformers' own
-# 7.7-8.2 s either way); keeping freed memory in our process removed the difference,
-# so the likely cause is fresh memory this VM handed back to its host after the other
-# process freed gigabytes (free page reporting; bench/NOTES.md section 21). Running
-# alone also gives training fresh workers: its step changes transformers' weights and
-# consumes our loaded parameters, which the paired benchmarks share.
+# never in back-to-back pairs: a step right after the other side's freed gigabytes ran
+# up to 1.6x slower (fresh memory the VM had handed back to its host; bench/NOTES.md
+# section 21 has the measurements). Running alone also gives training fresh workers: its
+# step changes transformers' weights and consumes our loaded parameters, which the
+# paired benchmarks share.
 NEVER_PAIRED = ("train",)
 
 

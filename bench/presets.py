@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from meditron_jax.config import LlamaConfig, RopeScaling, preset
+from meditron_jax.model.config import LlamaConfig, RopeScaling, preset
 from meditron_jax.errors import UserError
 
 BENCHMARKS = ("forward", "decode_b1", "decode_b8", "train")
@@ -26,9 +26,6 @@ class Workload:
     # ("full": transformers' gradient checkpointing, our remat="full"); "none" keeps
     # every activation, as transformers does by default.
     train_remat: str = "none"
-    # Our training step's layers: None = the automatic choice (unrolled under oneMKL,
-    # which holds a split copy of the weights), True = always scanned.
-    train_scan_layers: bool | None = None
 
     def decode_batch(self, bench: str) -> int:
         return self.decode_batches[0] if bench == "decode_b1" else self.decode_batches[1]
@@ -57,8 +54,7 @@ PRESETS: dict[str, BenchPreset] = {
     # so training keeps only each layer's input (both sides) and our step scans its
     # layers (no split copy of the weights: +3.4 GiB) to fit a 24 GB machine.
     "medium": BenchPreset("medium", _llama(2048, 16, 32, 8, 5632),
-                          dataclasses.replace(_ISSUE_WORK, train_remat="full",
-                                              train_scan_layers=True)),
+                          dataclasses.replace(_ISSUE_WORK, train_remat="full")),
     "tiny": BenchPreset("tiny", preset("tiny"), Workload(batch=2, seq_len=32, prompt_len=8,
                                                           new_tokens=4, decode_batches=(1, 2))),
 }

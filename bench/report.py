@@ -99,7 +99,7 @@ def bench_entry(p: BenchPreset, bench: str, ours: dict, theirs: dict, our_probes
         "ours_compile_s": ours.get("compile_s"),
         "ours_first_call_s": ours.get("first_call_s"),
         "transformers_first_call_s": theirs.get("first_call_s"),
-        "ours_matmul": ours.get("matmul"),  # "xla", or "blas (oneMKL ...)" on one CPU device
+        "ours_matmul": ours.get("matmul"),  # "xla": XLA's own dot
     }
     # The ratio we would get running at 100% of the ceiling: a ratio target above it
     # cannot be met on this machine whatever our program does.

@@ -50,7 +50,7 @@ def _set_devices(n: int) -> None:
 
 
 def _cli(*argv: str) -> None:
-    from meditron_jax.cli import main
+    from cli.main import main
     print(f"\n$ meditron-jax {' '.join(argv)}", flush=True)
     code = main(list(argv))
     if code:
@@ -66,9 +66,9 @@ def build_snapshot(out: str, seed: int = 0) -> str:
     written exactly as a hub snapshot looks."""
     import jax
 
-    from meditron_jax import checkpoint
-    from meditron_jax.config import preset
-    from meditron_jax.convert import export_to_hf
+    from meditron_jax.io import checkpoint
+    from meditron_jax.model.config import preset
+    from meditron_jax.io.convert import export_to_hf
     from meditron_jax.model import init_params
     from meditron_jax.tokenizer import Tokenizer
     from train.bpe import train_bpe
@@ -139,7 +139,7 @@ def compare_with_transformers(native_dir: str, hf_dir: str) -> float | None:
     import jax
     import numpy as np
 
-    from meditron_jax.loading import load_model
+    from meditron_jax.io.loading import load_model
     from meditron_jax.model import forward
 
     model = load_model(native_dir)

@@ -11,7 +11,8 @@ from jax.sharding import Mesh
 
 from infer.sweep import SETTINGS_SUFFIX, ResumableOutput
 from meditron_jax.errors import UserError
-from meditron_jax.loading import LoadedModel, load_model, model_fingerprint
+from meditron_jax.io.loading import LoadedModel, load_model, model_fingerprint
+from meditron_jax.kernels import ATTENTION
 from sharding import INFER_RULES, check_batch, initialize_distributed, make_mesh, param_shardings
 
 DTYPES = {"auto": None, "float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -31,6 +32,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, several: bool = False) 
                         help="rows run together (a multiple of the mesh's data axis)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
                         help="weight and compute dtype (auto: as stored in the checkpoint)")
+    parser.add_argument("--attention", choices=ATTENTION, default="auto",
+                        help="attention kernel: auto picks splash on TPU, cuDNN on GPU, XLA "
+                             "elsewhere (meditron_jax.kernels)")
     parser.add_argument("--no-verify", action="store_true",
                         help="do not check a native checkpoint's files against its "
                              "checksums.json before loading (~1 GB/s per core)")
@@ -63,7 +67,7 @@ def load_for_inference(args: argparse.Namespace,
 # Options that never change a sweep's results: where it reads and writes, how the work is
 # laid out (mesh, batch, weight layout: equal results, tested), checks that only refuse.
 NOT_SETTINGS = frozenset({"model", "prompt", "prompts", "input", "out", "overwrite", "mesh",
-                          "batch_size", "weights_layout", "no_verify"})
+                          "batch_size", "layers", "attention", "no_verify"})
 def add_sweep_output_arguments(parser: argparse.ArgumentParser, *, required: bool,
                                without: str = "") -> None:
     """``--out`` (``without``: what happens when it is not given) and ``--overwrite``."""

@@ -27,9 +27,10 @@ import numpy as np
 from jax.sharding import Mesh
 
 from infer.sampling import Sampling, sample
-from meditron_jax.config import LlamaConfig
+from meditron_jax.model.config import LlamaConfig
 from meditron_jax.errors import UserError
-from meditron_jax.kvcache import CACHE_AXES, KVCache
+from meditron_jax.kernels import XLA
+from meditron_jax.model.kvcache import CACHE_AXES, KVCache
 from meditron_jax.model import abstract_params, check_token_ids, forward, logits_from_hidden
 from infer.runner import PAD_ID, BatchRunner, Placement, bucket_length, cache_length, to_host
 from sharding import INFER_RULES, Rules
@@ -68,7 +69,7 @@ def _last_logits(params, hidden, cfg, constrain) -> jax.Array:
 
 
 def prefill_logits(params, tokens, pad, *, cfg: LlamaConfig, max_len: int, dtype,
-                   constrain=None, attention_impl=None,
+                   constrain=None, kernels=XLA,
                    cache_heads: int | None = None) -> tuple[jax.Array, KVCache]:
     """Run left-padded prompts [B, P] into a fresh cache of ``max_len`` slots (and
     ``cache_heads`` heads, :meth:`KVCache.init`); return the next-token logits [B, V]
@@ -82,13 +83,13 @@ def prefill_logits(params, tokens, pad, *, cfg: LlamaConfig, max_len: int, dtype
         cache = dataclasses.replace(cache, k=constrain(cache.k, CACHE_AXES),
                                     v=constrain(cache.v, CACHE_AXES))
     hidden, cache = forward(params, tokens, cfg, positions=positions, segment_ids=segment_ids,
-                            cache=cache, dtype=dtype, constrain=constrain,
-                            attention_impl=attention_impl, return_hidden=True)
+                            cache=cache, prefill=True, dtype=dtype, constrain=constrain,
+                            kernels=kernels, return_hidden=True)
     return _last_logits(params, hidden, cfg, constrain), cache
 
 
 def step_logits(params, state: DecodeState, *, cfg: LlamaConfig, dtype, constrain=None,
-                attention_impl=None) -> tuple[jax.Array, KVCache]:
+                kernels=XLA) -> tuple[jax.Array, KVCache]:
     """Feed each row's token at slot ``cache.index``; return logits [B, V] and the cache."""
     slot = state.cache.index
     b = state.tokens.shape[0]
@@ -96,7 +97,7 @@ def step_logits(params, state: DecodeState, *, cfg: LlamaConfig, dtype, constrai
     positions = (slot - state.pad)[:, None]
     hidden, cache = forward(params, token, cfg, positions=positions,
                             segment_ids=jnp.ones((b, 1), jnp.int32), cache=state.cache,
-                            dtype=dtype, constrain=constrain, attention_impl=attention_impl,
+                            dtype=dtype, constrain=constrain, kernels=kernels,
                             return_hidden=True)
     return _last_logits(params, hidden, cfg, constrain), cache
 
@@ -119,11 +120,11 @@ def _advance(state: DecodeState, logits: jax.Array, sampling: Sampling) -> Decod
 
 
 def prefill(params, tokens, pad, budget, row_seeds, seed, stop_ids, *, cfg, max_len,
-            sampling, dtype, constrain=None, attention_impl=None,
+            sampling, dtype, constrain=None, kernels=XLA,
             cache_heads: int | None = None) -> DecodeState:
     """Prompts -> a decode state holding the cache and each row's first new token."""
     logits, cache = prefill_logits(params, tokens, pad, cfg=cfg, max_len=max_len, dtype=dtype,
-                                   constrain=constrain, attention_impl=attention_impl,
+                                   constrain=constrain, kernels=kernels,
                                    cache_heads=cache_heads)
     b, p = tokens.shape
     base = jax.random.key(seed, impl=RNG_IMPL)
@@ -138,9 +139,9 @@ def prefill(params, tokens, pad, budget, row_seeds, seed, stop_ids, *, cfg, max_
 
 
 def decode_step(params, state: DecodeState, *, cfg, sampling, dtype, constrain=None,
-                attention_impl=None) -> DecodeState:
+                kernels=XLA) -> DecodeState:
     logits, cache = step_logits(params, state, cfg=cfg, dtype=dtype, constrain=constrain,
-                                attention_impl=attention_impl)
+                                kernels=kernels)
     return _advance(dataclasses.replace(state, cache=cache), logits, sampling)
 
 
@@ -167,11 +168,11 @@ def _jit(fn, placement: Placement, in_axes: tuple | None, out_axes, donate=()):
 
 
 def build_prefill(placement: Placement, *, max_len: int, sampling: Sampling, dtype,
-                  attention_impl=None):
+                  kernels=XLA):
     """jit(prefill) for one cache length; it compiles once per prompt-length bucket."""
     fn = functools.partial(prefill, cfg=placement.cfg, max_len=max_len, sampling=sampling,
                            dtype=dtype, constrain=placement.constrain,
-                           attention_impl=attention_impl, cache_heads=placement.cache_heads)
+                           kernels=kernels, cache_heads=placement.cache_heads)
     row = ("batch",)
     in_axes = None if placement.mesh is None else (
         placement.params(), placement.sharding(("batch", "seq")), placement.sharding(row),
@@ -180,10 +181,10 @@ def build_prefill(placement: Placement, *, max_len: int, sampling: Sampling, dty
     return _jit(fn, placement, in_axes, DecodeState.logical_axes())
 
 
-def build_decode(placement: Placement, *, sampling: Sampling, dtype, attention_impl=None):
+def build_decode(placement: Placement, *, sampling: Sampling, dtype, kernels=XLA):
     """jit(decode loop): the state (with its cache) is donated; one compile per cache shape."""
     fn = functools.partial(decode, cfg=placement.cfg, sampling=sampling, dtype=dtype,
-                           constrain=placement.constrain, attention_impl=attention_impl)
+                           constrain=placement.constrain, kernels=kernels)
     in_axes = None if placement.mesh is None else (
         placement.params(), placement.tree(DecodeState.logical_axes()), placement.sharding(()))
     return _jit(fn, placement, in_axes, DecodeState.logical_axes(), donate=(1,))
@@ -260,12 +261,12 @@ class Generator(BatchRunner):
     def prefill_fn(self, max_len: int, sampling: Sampling):
         return self.jitted("prefill", max_len, sampling, build=lambda: build_prefill(
             self.placement, max_len=max_len, sampling=sampling, dtype=self.dtype,
-            attention_impl=self.attention_impl))
+            kernels=self.kernels))
 
     def decode_fn(self, sampling: Sampling):
         return self.jitted("decode", sampling, build=lambda: build_decode(
             self.placement, sampling=sampling, dtype=self.dtype,
-            attention_impl=self.attention_impl))
+            kernels=self.kernels))
 
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 128,
                  sampling: Sampling = Sampling(), seed: int = 0,

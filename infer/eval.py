@@ -31,7 +31,7 @@ from infer.score import encode_pair
 from infer.sweep import ResumableOutput, check_settings, run_sweep
 from meditron_jax.atomic import write_json
 from meditron_jax.jsonl import read_jsonl
-from meditron_jax.loading import model_fingerprint
+from meditron_jax.io.loading import model_fingerprint
 
 Z95 = 1.959963984540054
 

@@ -19,7 +19,7 @@ from infer.eval_tasks import FORMATS, TASKS, check_shots, get_task, load_items
 from infer.grouped_score import GroupedScorer
 from meditron_jax.atomic import atomic_file, write_json
 from meditron_jax.errors import UserError
-from meditron_jax.loading import directory_kind
+from meditron_jax.io.loading import directory_kind
 from meditron_jax.tokenizer import Tokenizer
 
 
@@ -112,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
         if model_tokenizer is None:
             raise UserError(f"{path}: no tokenizer files; pass --tokenizer DIR")
         out_dir = os.path.join(args.out, label, task.name)
-        summary = evaluate(GroupedScorer(model, mesh=mesh, batch_size=args.batch_size),
+        summary = evaluate(GroupedScorer(model, mesh=mesh, batch_size=args.batch_size,
+                                           attention=args.attention),
                            model_tokenizer, items, pool, spec, out_dir, model_path=path,
                            chunk_items=args.chunk)
         summaries.append({"label": label, **summary})

@@ -24,7 +24,7 @@ from infer.engine import Completion, Generator, fit_prompt
 from infer.sampling import Sampling
 from infer.sweep import ResumableOutput, SweepStats, id_seed, read_requests, run_sweep
 from meditron_jax.errors import UserError
-from meditron_jax.model import decode_layout
+from meditron_jax.model import unstack_layers
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,11 +49,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--truncate-prompt", action="store_true",
                         help="keep the last tokens of prompts too long for max length, "
                              "instead of failing")
-    parser.add_argument("--weights-layout", choices=("auto", "stacked", "decode"),
-                        default="auto",
-                        help="decode: per-layer, transposed weights (model.decode_layout; "
-                             "2x faster batched decoding on a CPU); auto: decode on one "
-                             "CPU device without --mesh, stacked otherwise")
+    parser.add_argument("--layers", choices=("auto", "stacked", "per-layer"), default="auto",
+                        help="how the decode step holds the layers' weights: stacked (one "
+                             "scan) or per-layer (the same arrays split, an unrolled loop: "
+                             "XLA:CPU copies a scanned layer's weights every step); auto: "
+                             "per-layer on one CPU device without --mesh")
 
 
 @dataclasses.dataclass
@@ -115,8 +115,8 @@ def run(args: argparse.Namespace) -> int:
         PromptItem(id=0, where="--prompt", text=args.prompt)]
     if args.prompt is not None and not args.prompt.strip():
         raise UserError("--prompt: empty prompt")
-    if args.weights_layout == "decode" and args.mesh:
-        raise UserError("--weights-layout decode runs on one device; drop --mesh")
+    if args.layers == "per-layer" and args.mesh:
+        raise UserError("--layers per-layer runs on one device; drop --mesh")
     mesh = inference_mesh(args)
     with (open_sweep_output(args, "generate", args.prompts) if args.out
           else contextlib.nullcontext()) as out:
@@ -126,14 +126,14 @@ def run(args: argparse.Namespace) -> int:
 def _generate(args, items: list[PromptItem], sampling: Sampling, mesh,
               out: ResumableOutput | None) -> int:
     model, mesh = load_for_inference(args, mesh)
-    if args.weights_layout == "decode" or (
-            args.weights_layout == "auto" and mesh is None and jax.default_backend() == "cpu"):
+    if args.layers == "per-layer" or (
+            args.layers == "auto" and mesh is None and jax.default_backend() == "cpu"):
         # the stacked arrays are freed as their per-layer copies appear
-        model = dataclasses.replace(model, params=decode_layout(model.params, consume=True))
+        model = dataclasses.replace(model, params=unstack_layers(model.params, consume=True))
     if args.stop and model.tokenizer is None:
         raise UserError(f"--stop needs a tokenizer; {args.model} has none")
     _tokenize(items, model, args)
-    generator = Generator(model, mesh, args.batch_size)
+    generator = Generator(model, mesh, args.batch_size, attention=args.attention)
     options = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
                    stop_strings=args.stop)
     if args.prompt is not None:

@@ -26,7 +26,8 @@ import numpy as np
 from infer.engine import PAD_ID, bucket_length, to_host
 from infer.score import ScoreRequest, ScoreResult, Scorer
 from meditron_jax.errors import UserError
-from meditron_jax.kvcache import CACHE_AXES, KVCache
+from meditron_jax.kernels import XLA
+from meditron_jax.model.kvcache import CACHE_AXES, KVCache
 from meditron_jax.model import forward, logits_from_hidden, token_log_probs
 
 
@@ -38,7 +39,7 @@ class ScoreGroup:
 
 
 def shared_context_scores(params, ctx, pad, conts, cont_len, *, cfg, dtype, constrain=None,
-                          attention_impl=None, cache_heads: int | None = None):
+                          kernels=XLA, cache_heads: int | None = None):
     """ctx [B, Tc] left-padded, conts [B, k, W] right-padded, cont_len [B, k] ->
     (sum log p of each continuation [B, k], every token the argmax [B, k])."""
     b, tc = ctx.shape
@@ -49,9 +50,10 @@ def shared_context_scores(params, ctx, pad, conts, cont_len, *, cfg, dtype, cons
         cache = dataclasses.replace(cache, k=constrain(cache.k, CACHE_AXES),
                                     v=constrain(cache.v, CACHE_AXES))
     run = functools.partial(forward, params, cfg=cfg, dtype=dtype, constrain=constrain,
-                            attention_impl=attention_impl, return_hidden=True)
+                            kernels=kernels, return_hidden=True)
     hidden, cache = run(ctx, positions=jnp.maximum(slots - pad[:, None], 0),
-                        segment_ids=(slots >= pad[:, None]).astype(jnp.int32), cache=cache)
+                        segment_ids=(slots >= pad[:, None]).astype(jnp.int32), cache=cache,
+                        prefill=True)
     first = logits_from_hidden(params, hidden[:, -1:], cfg, constrain)          # [B, 1, V]
     logits = jnp.repeat(first, k, axis=0)                                       # [Bk, 1, V]
     flat = conts.reshape(b * k, w)
@@ -86,7 +88,7 @@ class GroupedScorer(Scorer):
     def _build_group_fn(self):
         pl = self.placement
         fn = functools.partial(shared_context_scores, cfg=self.cfg, dtype=self.dtype,
-                               constrain=pl.constrain, attention_impl=self.attention_impl,
+                               constrain=pl.constrain, kernels=self.kernels,
                                cache_heads=pl.cache_heads)
         if pl.mesh is None:
             return jax.jit(fn)

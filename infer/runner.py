@@ -14,11 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from meditron_jax.config import LlamaConfig
+from meditron_jax.model.config import LlamaConfig
 from meditron_jax.errors import UserError
-from meditron_jax.loading import LoadedModel
+from meditron_jax.io.loading import LoadedModel
+from meditron_jax.kernels import select
 from sharding import (INFER_RULES, Rules, activation_constrainer, cache_heads, check_batch,
-                      check_model_fits, param_shardings, tree_shardings)
+                      check_model_fits, param_shardings, step_kernels, tree_shardings)
 
 PAD_ID = 0
 MIN_BUCKET = 16
@@ -100,14 +101,17 @@ class BatchRunner:
     batch must divide by the ``data`` axis. Compute dtype defaults to the weights'."""
 
     def __init__(self, model: LoadedModel, mesh: Mesh | None = None, batch_size: int = 8, *,
-                 rules: Rules = INFER_RULES, dtype=None, attention_impl: str | None = None):
+                 rules: Rules = INFER_RULES, dtype=None, attention: str = "auto"):
         if batch_size < 1:
             raise UserError(f"--batch-size must be >= 1, got {batch_size}")
         self.model, self.cfg, self.batch_size = model, model.cfg, batch_size
         self.placement = Placement(model.cfg, mesh, rules)
         self.placement.check_fits(batch_size)
         self.dtype = dtype or model.params["embed"].dtype
-        self.attention_impl = attention_impl
+        # chosen once per runner and logged (meditron_jax.kernels)
+        facts = dict(dtype=self.dtype, head_dim=model.cfg.head_dim)
+        self.kernels = (select(attention, **facts) if mesh is None
+                        else step_kernels(attention, mesh, rules, **facts))
         # A no-op when the model was loaded into these shardings (the usual case).
         shardings = self.placement.params()
         self.params = model.params if shardings is None else jax.device_put(model.params,
@@ -117,7 +121,7 @@ class BatchRunner:
         """The jitted function for ``key`` under this runner's settings, built once."""
         rules = self.placement.rules
         full = (self.cfg, self.placement.mesh, rules.name, tuple(sorted(rules.table.items())),
-                jnp.dtype(self.dtype).name, self.attention_impl) + key
+                jnp.dtype(self.dtype).name, self.kernels) + key
         if full not in _JITTED:
             if len(_JITTED) >= _JITTED_MAX:
                 _JITTED.pop(next(iter(_JITTED)))

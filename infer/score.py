@@ -21,7 +21,8 @@ from jax.sharding import Mesh
 
 from infer.runner import PAD_ID, BatchRunner, bucket_length, to_host
 from meditron_jax.errors import UserError
-from meditron_jax.loading import LoadedModel
+from meditron_jax.kernels import XLA
+from meditron_jax.io.loading import LoadedModel
 from meditron_jax.model import check_token_ids, forward, logits_from_hidden, token_log_probs
 from meditron_jax.tokenizer import Tokenizer
 
@@ -55,7 +56,7 @@ def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[
 
 
 def continuation_scores(params, tokens, pad, cont_len, *, cfg, width: int, dtype,
-                        constrain=None, attention_impl=None):
+                        constrain=None, kernels=XLA):
     """tokens [B, T] left-padded; the last ``cont_len`` [B] tokens of each row are the
     continuation (``width`` >= every cont_len). Returns (sum logprob [B], all greedy [B])."""
     b, t = tokens.shape
@@ -63,7 +64,7 @@ def continuation_scores(params, tokens, pad, cont_len, *, cfg, width: int, dtype
     segment_ids = (slots >= pad[:, None]).astype(jnp.int32)
     positions = jnp.maximum(slots - pad[:, None], 0)
     hidden, _ = forward(params, tokens, cfg, positions=positions, segment_ids=segment_ids,
-                        dtype=dtype, constrain=constrain, attention_impl=attention_impl,
+                        dtype=dtype, constrain=constrain, kernels=kernels,
                         return_hidden=True)
     logits = logits_from_hidden(params, hidden[:, t - 1 - width:t - 1], cfg, constrain)
     targets = tokens[:, t - width:]
@@ -87,7 +88,7 @@ class Scorer(BatchRunner):
     def _build_score_fn(self, width: int):
         pl = self.placement
         fn = functools.partial(continuation_scores, cfg=self.cfg, width=width, dtype=self.dtype,
-                               constrain=pl.constrain, attention_impl=self.attention_impl)
+                               constrain=pl.constrain, kernels=self.kernels)
         if pl.mesh is None:
             return jax.jit(fn)
         row = pl.sharding(("batch",))

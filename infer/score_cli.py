@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _score(args: argparse.Namespace, parsed: list, mesh, out) -> int:
     model, mesh = load_for_inference(args, mesh)
-    scorer = Scorer(model, mesh=mesh, batch_size=args.batch_size)
+    scorer = Scorer(model, mesh=mesh, batch_size=args.batch_size, attention=args.attention)
     requests = [scorer.check(to_request(p, model.tokenizer, args.model),
                              truncate=args.truncate_context) for p in parsed]
     # Similar lengths share a bucket; each batch is still written as soon as it is done.

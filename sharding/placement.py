@@ -10,9 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from meditron_jax.config import LlamaConfig
-from meditron_jax.kvcache import KVCache
+from meditron_jax.model.config import LlamaConfig
+from meditron_jax.model.kvcache import KVCache
 from meditron_jax.model import init_params, logical_axes
+from meditron_jax.errors import UserError
 from sharding.rules import Rules, check_model_fits
 
 
@@ -101,3 +102,20 @@ def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
 def cache_shardings(mesh: Mesh, rules: Rules):
     """Shardings of a ``KVCache`` (its heads dim: :func:`sharding.rules.cache_heads`)."""
     return tree_shardings(KVCache.logical_axes(), mesh, rules)
+
+
+def step_kernels(attention: str, mesh: Mesh, rules: Rules, *, interpret: bool = False,
+                 **facts):
+    """The kernels (:func:`meditron_jax.kernels.select`) of a step on ``mesh`` under
+    ``rules``: splash's shard_map splits the batch like the activations and the heads over
+    the one mesh axis ``heads`` maps to (size-1 axes dropped). ``facts``: the step's
+    ``dtype``, ``head_dim`` and ``packed`` (:func:`meditron_jax.kernels.select`)."""
+    from meditron_jax.kernels import select
+    batch_axes = tuple(a for a in rules.mesh_axes("batch") if mesh.shape[a] > 1)
+    heads = [a for a in rules.mesh_axes("heads") if mesh.shape[a] > 1]
+    if len(heads) > 1:
+        raise UserError(f"rules {rules.name!r} split heads over {'+'.join(heads)}; the "
+                        "attention kernels take one head axis")
+    head_axis = heads[0] if heads else None
+    return select(attention, mesh=mesh, batch_axes=batch_axes, head_axis=head_axis,
+                  interpret=interpret, **facts)

@@ -13,7 +13,7 @@ from typing import Mapping
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from meditron_jax.config import LlamaConfig
+from meditron_jax.model.config import LlamaConfig
 from meditron_jax.errors import UserError
 from meditron_jax.model import VOCAB_MULTIPLE, is_spec, padded_vocab_size, param_specs
 from sharding.mesh import MESH_AXES, describe

@@ -2,7 +2,7 @@
 
 ``python -m tests.multihost_sweep_worker COORDINATOR NUM_PROCESSES PROCESS_ID CASES RESULT``
 joins the job, runs each ``meditron-jax`` command line of CASES (a JSON list of argument
-lists) in order through :func:`meditron_jax.cli.main`, as every process of a multi-host
+lists) in order through :func:`cli.main.main`, as every process of a multi-host
 sweep does, and writes each one's exit status and last line of stderr to RESULT (JSON).
 One process runs them all, so the commands share its compiled executables.
 """
@@ -15,7 +15,7 @@ import sys
 
 import jax
 
-from meditron_jax import cli
+from cli import main as cli
 from sharding import initialize_distributed
 
 

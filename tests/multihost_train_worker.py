@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 import threading
 
-from meditron_jax import cli
+from cli import main as cli
 from train import data
 
 

@@ -12,7 +12,7 @@ import sys
 import jax
 import numpy as np
 
-from meditron_jax.loading import load_model
+from meditron_jax.io.loading import load_model
 from sharding import TRAIN_RULES, initialize_distributed, make_mesh, param_shardings
 from tests.sharding_cases import forward_and_step
 

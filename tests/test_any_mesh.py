@@ -19,7 +19,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -30,10 +29,10 @@ from infer.engine import Generator, abstract_decode_step
 from infer.grouped_score import GroupedScorer, ScoreGroup
 from infer.sampling import Sampling
 from infer.score import ScoreRequest
-from meditron_jax.config import preset
-from meditron_jax.convert import convert_to_native
-from meditron_jax.loading import load_model
-from meditron_jax.model import (cross_entropy, decode_layout, forward, init_params,
+from meditron_jax.model.config import preset
+from meditron_jax.io.convert import convert_to_native
+from meditron_jax.io.loading import load_model
+from meditron_jax.model import (cross_entropy, unstack_layers, forward, init_params,
                                 padded_vocab_size)
 from tests import hf_fixtures
 from tests.sharding_cases import assert_close, forward_and_step, make_batch
@@ -97,15 +96,15 @@ def hf_greedy(models):
 
 @pytest.fixture(scope="module")
 def greedy(loaded):
-    """(name, mesh spec) -> our greedy completions; one device runs the CPU decode layout
-    (per-layer transposed weights and head), as ``generate`` does there."""
+    """(name, mesh spec) -> our greedy completions; one device runs per-layer weights, as
+    ``generate`` does there."""
     cache = {}
 
     def get(name, spec):
         if (name, spec) not in cache:
             model = loaded(name, spec)
             if spec is None:
-                model = dataclasses.replace(model, params=decode_layout(model.params))
+                model = dataclasses.replace(model, params=unstack_layers(model.params))
             gen = Generator(model, _mesh(spec), batch_size=4)
             cache[name, spec] = [c.ids for c in gen.generate(prompts(model.cfg.vocab_size),
                                                             max_new_tokens=NEW)]
@@ -144,9 +143,9 @@ def test_kv_weights_replicate_and_the_cache_splits(loaded, name, spec):
                                                    P(None, None, "tensor"))
     _, (_, state, _) = abstract_decode_step(model.cfg, mesh, batch=4, max_len=32)
     heads = max(kv, tensor)
-    assert state.cache.k.shape == (2, 4, 32, heads, model.cfg.head_dim)
+    assert state.cache.k.shape == (2, 4, heads, 32, model.cfg.head_dim)
     shard = state.cache.k.sharding.shard_shape(state.cache.k.shape)
-    assert shard[3] == heads // tensor and shard[1] == 4 // mesh.shape["data"]
+    assert shard[2] == heads // tensor and shard[1] == 4 // mesh.shape["data"]
 
 
 @pytest.mark.parametrize("name, spec", CASES)
@@ -253,7 +252,7 @@ def test_plan_compiles_the_8b_decode_loop_at_tensor_16(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
     batch, seq = 8, 512
     proc = subprocess.run(
-        [sys.executable, "-m", "meditron_jax", "plan", "--model", "meditron3-8b", "--mode",
+        [sys.executable, "-m", "cli", "plan", "--model", "meditron3-8b", "--mode",
          "infer", "--mesh", "tensor=16", "--batch", str(batch), "--seq", str(seq),
          "--target", "cpu:16", "--json", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -11,11 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from meditron_jax import atomic, checkpoint, hf_io, tensor_blocks
-from meditron_jax.config import LlamaConfig
+from meditron_jax import atomic
+from meditron_jax.io import checkpoint, hf_io, tensor_blocks
+from meditron_jax.model.config import LlamaConfig
 from meditron_jax.errors import UserError
-from meditron_jax.hf_keys import expected_hf_keys, hf_shape, params_from_hf, rules
-from meditron_jax.loading import load_model
+from meditron_jax.io.hf_keys import expected_hf_keys, hf_shape, params_from_hf, rules
+from meditron_jax.io.loading import load_model
 from meditron_jax.model import abstract_params
 from sharding import TRAIN_RULES, make_mesh, param_shardings
 from tests import hf_fixtures
@@ -290,8 +291,8 @@ def test_export_of_a_trained_checkpoint_matches_the_key_map(saved_on_8, tmp_path
     """A checkpoint saved from sharded jax Arrays (Orbax's own chunking, not ours)
     exports to exactly what the in-memory key map gives."""
     from safetensors.numpy import load_file
-    from meditron_jax.convert import export_to_hf
-    from meditron_jax.hf_keys import hf_from_params
+    from meditron_jax.io.convert import export_to_hf
+    from meditron_jax.io.hf_keys import hf_from_params
     path, cfg, params = saved_on_8
     export_to_hf(path, str(tmp_path / "hf"), quiet=True)
     got = load_file(str(tmp_path / "hf" / "model.safetensors"))

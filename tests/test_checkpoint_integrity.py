@@ -23,11 +23,13 @@ import jax
 import numpy as np
 import pytest
 
-from meditron_jax import atomic, checkpoint, checksums, cli
-from meditron_jax.config import LlamaConfig
-from meditron_jax.convert import convert_to_native, export_to_hf
+from meditron_jax import atomic
+from meditron_jax.io import checkpoint, checksums
+from cli import main as cli
+from meditron_jax.model.config import LlamaConfig
+from meditron_jax.io.convert import convert_to_native, export_to_hf
 from meditron_jax.errors import UserError
-from meditron_jax.loading import load_model
+from meditron_jax.io.loading import load_model
 from meditron_jax.model import abstract_params
 from tests import hf_fixtures
 from tests.test_convert import tree_digest
@@ -139,7 +141,7 @@ def test_truncated_file_is_one_line_with_or_without_checksums(native, native_par
     with pytest.raises(UserError, match=orbax_error):
         load_model(bad, verify=False)
     os.remove(os.path.join(bad, checksums.MANIFEST))  # as written before checksums
-    with caplog.at_level(logging.WARNING, "meditron_jax.checkpoint"):
+    with caplog.at_level(logging.WARNING, "meditron_jax.io.checkpoint"):
         with pytest.raises(UserError, match=orbax_error):
             load_model(bad)
     assert [r.getMessage() for r in caplog.records] == [
@@ -301,7 +303,8 @@ def test_exported_bpe_tokenizer_loads_in_autotokenizer_and_encodes_like_ours(tmp
 
     from meditron_jax.tokenizer import Tokenizer
     from train.bpe import train_bpe
-    corpus = os.path.join(os.path.dirname(checkpoint.__file__), "data", "clinical_corpus.txt")
+    import meditron_jax
+    corpus = os.path.join(os.path.dirname(meditron_jax.__file__), "data", "clinical_corpus.txt")
     texts = [t for t in open(corpus, encoding="utf-8").read().split("\n---\n") if t.strip()]
     tok_dir = train_bpe(texts, 300, str(tmp_path / "tokenizer"))
     ours = Tokenizer.from_dir(tok_dir)

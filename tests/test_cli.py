@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from meditron_jax.cli import COMMANDS, main
+from cli.main import COMMANDS, main
 
 MODEL_COMMANDS = {
     "convert": ["--out", "{tmp}/out"],
@@ -27,7 +27,7 @@ def _run(args, capsys):
 
 
 def test_top_level_help_lists_every_command():
-    out = subprocess.run([sys.executable, "-m", "meditron_jax", "--help"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "cli", "--help"], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0
     for name in COMMANDS:

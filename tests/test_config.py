@@ -11,8 +11,8 @@ import sys
 import jax
 import pytest
 
-from meditron_jax import config
-from meditron_jax.config import PRESETS, LlamaConfig, RopeScaling, preset
+from meditron_jax.model import config
+from meditron_jax.model.config import PRESETS, LlamaConfig, RopeScaling, preset
 from meditron_jax.errors import UserError
 from meditron_jax.model import abstract_params, count_params, param_specs
 from tests import hf_fixtures
@@ -201,7 +201,7 @@ def test_unknown_keys_are_named_in_one_warning(tmp_path, caplog):
               unsloth_version="2024.9", sliding_window=4096, rope_scaling=dict(L3, mscale=1.0),
               **{"transformers.js_config": {"kv_cache_dtype": {"fp16": "float16"}}})
     (tmp_path / "config.json").write_text(json.dumps(hf))
-    with caplog.at_level(logging.WARNING, logger="meditron_jax.config"):
+    with caplog.at_level(logging.WARNING, logger="meditron_jax.model.config"):
         cfg = LlamaConfig.from_hf(tmp_path)
         LlamaConfig.from_hf(tmp_path)  # a command that reads the file twice warns once
     assert cfg == preset("llama-3.1-8b")
@@ -214,7 +214,7 @@ def test_unknown_keys_are_named_in_one_warning(tmp_path, caplog):
 def test_transformers_own_configs_warn_nothing(caplog):
     from transformers import LlamaConfig as HFConfig
     theirs = HFConfig(**hf_fixtures.TINY_HF)
-    with caplog.at_level(logging.WARNING, logger="meditron_jax.config"):
+    with caplog.at_level(logging.WARNING, logger="meditron_jax.model.config"):
         for hf in (theirs.to_dict(), json.loads(theirs.to_json_string()), preset("tiny").to_hf()):
             LlamaConfig.from_hf(hf)
     assert not caplog.records
@@ -228,7 +228,7 @@ def test_cli_shows_the_warning_as_one_stderr_line(tmp_path):
     (src / "config.json").write_text(json.dumps(dict(
         hf_fixtures.TINY_HF, is_llama_config=True, **{"transformers.js_config": {}})))
     proc = subprocess.run(
-        [sys.executable, "-c", "import sys; from meditron_jax.cli import main; "
+        [sys.executable, "-c", "import sys; from cli.main import main; "
          "sys.exit(main(sys.argv[1:]))", "convert", "--model", str(src),
          "--out", str(tmp_path / "out")],
         capture_output=True, text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))

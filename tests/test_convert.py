@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from meditron_jax import checkpoint, cli, hf_io
-from meditron_jax.convert import convert_to_native, export_to_hf
+from meditron_jax.io import checkpoint, hf_io
+from cli import main as cli
+from meditron_jax.io.convert import convert_to_native, export_to_hf
 from meditron_jax.errors import UserError
-from meditron_jax.loading import load_model
+from meditron_jax.io.loading import load_model
 from tests import hf_fixtures
 
 
@@ -164,7 +165,7 @@ def test_export_merges_lora(good_native, tmp_path, monkeypatch):
         seen["dir"] = lora_dir
         params["final_norm"] = params["final_norm"] + np.float32(1.0)
         return params
-    monkeypatch.setitem(sys.modules, "meditron_jax.lora", types.SimpleNamespace(load_and_merge=load_and_merge))
+    monkeypatch.setitem(sys.modules, "meditron_jax.model.lora", types.SimpleNamespace(load_and_merge=load_and_merge))
     lora = tmp_path / "adapter"
     lora.mkdir()
     assert _run("export", "--model", good_native, "--out", str(tmp_path / "hf"), "--lora", str(lora)) == 0

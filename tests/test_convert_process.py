@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from meditron_jax import checkpoint, hf_io, tensor_blocks
-from meditron_jax.convert import convert_to_native
+from meditron_jax.io import checkpoint, hf_io, tensor_blocks
+from meditron_jax.io.convert import convert_to_native
 from tests.test_convert import tree_digest
 
 # A bfloat16 Llama whose embedding and head dominate: 2 x 128 MiB, 299 MiB in all.
@@ -69,7 +69,7 @@ def synthetic(tmp_path_factory):
 
 def _start(model: str, out: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "meditron_jax", "convert", "--model", model, "--out", out,
+        [sys.executable, "-m", "cli", "convert", "--model", model, "--out", out,
          "--overwrite", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

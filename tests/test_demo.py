@@ -14,7 +14,7 @@ def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # the demo sets its own 8 simulated devices
-    proc = subprocess.run([sys.executable, "-m", "meditron_jax", "demo", "--quick",
+    proc = subprocess.run([sys.executable, "-m", "cli", "demo", "--quick",
                            "--out", str(out)], capture_output=True, text=True, timeout=600,
                           env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

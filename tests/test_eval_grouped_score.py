@@ -7,7 +7,7 @@ import pytest
 from infer.grouped_score import GroupedScorer, ScoreGroup
 from infer.score import ScoreRequest, Scorer
 from meditron_jax.errors import UserError
-from meditron_jax.loading import load_model
+from meditron_jax.io.loading import load_model
 from sharding import INFER_RULES, make_mesh, param_shardings
 
 

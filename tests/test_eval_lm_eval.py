@@ -13,7 +13,7 @@ lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from infer.lm_eval_adapter import MeditronLM  # noqa: E402
-from meditron_jax import cli  # noqa: E402
+from cli import main as cli  # noqa: E402
 from meditron_jax.errors import UserError  # noqa: E402
 from tests.eval_fixtures import DATA, make_eval_snapshot, sample  # noqa: E402
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from infer.eval_tasks import TASKS, fewshot_context, load_items, pick_shots
-from meditron_jax import cli
+from cli import main as cli
 from tests.eval_fixtures import make_eval_snapshot, sample
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -156,7 +156,7 @@ def test_resume_after_sigkill_counts_every_item_once(ckpts, tmp_path, capsys):
             "--shots", "1", "--chunk", "1"]
     killed_out = tmp_path / "killed"
     items_file = killed_out / "step_0" / "medmcqa" / "items.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "meditron_jax", *args, "--out", str(killed_out)],
+    proc = subprocess.Popen([sys.executable, "-m", "cli", *args, "--out", str(killed_out)],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 240

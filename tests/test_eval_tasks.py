@@ -11,7 +11,7 @@ from infer import eval_tasks
 from infer.eval import item_result, stderr_of_mean, summarize, wilson_interval
 from infer.eval_tasks import (TASKS, check_shots, fewshot_context, get_task, load_items,
                               pick_shots)
-from meditron_jax import cli
+from cli import main as cli
 from meditron_jax.errors import UserError
 from meditron_jax.tokenizer import Tokenizer
 from tests.eval_fixtures import sample, train_tokenizer

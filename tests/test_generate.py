@@ -14,7 +14,7 @@ from infer.engine import (DecodeState, Generator, abstract_decode_step, bucket_l
                           cache_length, prefill_logits, step_logits)
 from infer.sampling import Sampling
 from meditron_jax.errors import UserError
-from meditron_jax.loading import load_model
+from meditron_jax.io.loading import load_model
 from meditron_jax.model import forward
 from tests import hf_fixtures
 
@@ -214,7 +214,7 @@ def test_abstract_decode_step_compiles_without_allocating(tiny_hf_dir):
     compiled = fn.lower(*args).compile()
     assert compiled.memory_analysis() is not None
     assert args[1].cache.k.sharding.spec == jax.sharding.PartitionSpec(
-        None, "data", None, "tensor")
+        None, "data", "tensor")
 
 
 # ---- bad input --------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ import pytest
 from infer.engine import Generator
 from infer.generate_cli import TextStream
 from infer.sweep import SETTINGS_SUFFIX
-from meditron_jax import cli
-from meditron_jax.loading import load_model
+from cli import main as cli
+from meditron_jax.io.loading import load_model
 from tests import hf_fixtures
 
 
@@ -77,12 +77,13 @@ def test_prompts_file_to_stdout(text_model, library_greedy, tmp_path, capsys):
     assert summary.startswith("prompts=4 skipped=0 total=4 tokens=") and "tokens/s=" in summary
 
 
-def test_stacked_and_decode_layouts_generate_the_same(text_model, library_greedy, capsys):
-    """The CLI's default on one CPU device is the decode layout (the tests above compare
-    it with the library's stacked weights); the stacked layout on request gives the same."""
-    for layout in ("stacked", "decode"):
+def test_stacked_and_per_layer_weights_generate_the_same(text_model, library_greedy, capsys):
+    """The CLI's default on one CPU device is per-layer weights (the tests above compare
+    it with the library's stacked weights); stacked on request gives the same, and so does
+    the XLA attention named explicitly."""
+    for flags in (["--layers", "stacked"], ["--layers", "per-layer", "--attention", "xla"]):
         assert cli.main(["generate", "--model", text_model, "--prompt", "w50",
-                         "--max-new-tokens", "12", "--weights-layout", layout]) == 0
+                         "--max-new-tokens", "12"] + flags) == 0
         assert capsys.readouterr().out == library_greedy[1].text + "\n"
 
 
@@ -108,7 +109,8 @@ def test_help_shows_defaults(capsys):
                  "--truncate-prompt"]:
         assert flag in text, flag
     assert "(default: 128)" in text and "(default: 8)" in text
-    assert "MEDITRON_MATMUL=auto|xla|blas" in text  # the environment epilog
+    assert "MEDITRON_DISTRIBUTED=0|1" in text  # the environment epilog
+    assert "--attention {auto,xla,splash,cudnn}" in text
 
 
 BAD_LINES = [
@@ -159,19 +161,13 @@ def test_bad_prompt_lines(text_model, done_before, tmp_path, capsys, line, messa
     (["--mesh", "data=4", "--batch-size", "6"], "batch size 6 is not divisible"),
     (["--mesh", "pipeline=2"], "expected comma-separated AXIS=SIZE"),
     (["--out", "x.jsonl"], "--out goes with --prompts"),
-    (["--weights-layout", "decode", "--mesh", "data=2"], "--weights-layout decode runs on one"),
+    (["--layers", "per-layer", "--mesh", "data=2"], "--layers per-layer runs on one"),
+    (["--attention", "splash"], "--attention splash is a TPU kernel and this run is on cpu"),
 ])
 def test_bad_flags(text_model, capsys, extra, message):
     assert cli.main(["generate", "--model", text_model, "--prompt", "w4 w5"] + extra) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
-
-
-def test_a_bad_matmul_setting_is_one_line(text_model, monkeypatch, capsys):
-    monkeypatch.setenv("MEDITRON_MATMUL", "fast")
-    assert cli.main(["generate", "--model", text_model, "--prompt", "w4 w5"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "MEDITRON_MATMUL 'fast': choose one of auto, xla, blas" in err[0], err
 
 
 def test_text_needs_a_tokenizer(tiny_hf_dir, tmp_path, capsys):

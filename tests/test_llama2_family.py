@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from meditron_jax import cli
+from cli import main as cli
 from meditron_jax.jsonl import read_jsonl
-from meditron_jax.loading import load_model
+from meditron_jax.io.loading import load_model
 from meditron_jax.model import forward
 from meditron_jax.tokenizer import Tokenizer
 from tests import hf_fixtures

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from meditron_jax.config import LlamaConfig
+from meditron_jax.model.config import LlamaConfig
 from meditron_jax.errors import UserError
-from meditron_jax.hf_keys import hf_from_params, params_from_hf
-from meditron_jax.lora import (LoraConfig, init_lora, load_adapters, load_and_merge, save_adapters)
+from meditron_jax.io.hf_keys import hf_from_params, params_from_hf
+from meditron_jax.model.lora import (LoraConfig, init_lora, load_adapters, load_and_merge, save_adapters)
 from meditron_jax.model import forward
 from sharding import TRAIN_RULES, make_mesh
 from tests.hf_fixtures import make_hf_model, make_hf_snapshot, state_dict_numpy

@@ -16,9 +16,9 @@ import pytest
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from safetensors.numpy import load_file
 
-from meditron_jax import cli
-from meditron_jax.loading import load_model
-from meditron_jax.lora import CONFIG_FILE, TARGETS, WEIGHTS_FILE, load_adapters
+from cli import main as cli
+from meditron_jax.io.loading import load_model
+from meditron_jax.model.lora import CONFIG_FILE, TARGETS, WEIGHTS_FILE, load_adapters
 from meditron_jax.model import forward
 from tests.hf_fixtures import make_hf_snapshot
 from tests.train_support import QA, tiny_run

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from meditron_jax.config import LlamaConfig
-from meditron_jax.lora import LoraConfig, init_lora
+from meditron_jax.model.config import LlamaConfig
+from meditron_jax.model.lora import LoraConfig, init_lora
 from meditron_jax.model import init_params
 from tests.hf_fixtures import TINY_HF
 from tests.train_support import tiny_run
@@ -121,7 +121,7 @@ def test_mfu_cannot_exceed_one_even_at_the_peak(name):
     device's peak, the fastest it can, reports MFU <= 1. Counted at 6N, the LoRA q,v
     step would report 1.37."""
     lora = LORAS[name]
-    opts = StepOptions(compute_dtype=jnp.float32, remat="none", lora=lora, scan_layers=True)
+    opts = StepOptions(compute_dtype=jnp.float32, remat="none", lora=lora)
     loss = make_loss_sums(CFG, opts)
     params = jax.eval_shape(lambda: init_params(CFG, jax.random.key(0)))
     trainable, frozen = (params, None) if lora is None else (

@@ -13,7 +13,7 @@ import shutil
 import pytest
 
 from infer.sweep import SETTINGS_SUFFIX
-from meditron_jax import cli
+from cli import main as cli
 from tests.multihost_support import run_processes
 
 MESH = "data=2,tensor=2"   # two devices in each process; one process uses 4 of its 8

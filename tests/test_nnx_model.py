@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from meditron_jax.config import preset
+from meditron_jax.model.config import preset
 from meditron_jax.model import forward, init_params, logical_axes
-from meditron_jax.nnx_model import Llama
+from meditron_jax.model.nnx import Llama
 
 
 def test_nnx_view_matches_plain_forward_and_names_axes():

@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from meditron_jax.config import LlamaConfig, RopeScaling
+from meditron_jax.model.config import LlamaConfig, RopeScaling
 from meditron_jax.errors import UserError
-from meditron_jax.hf_keys import params_from_hf
-from meditron_jax.model import cross_entropy, forward
+from meditron_jax.io.hf_keys import params_from_hf
+from meditron_jax.model import unstack_layers, cross_entropy, forward
 from tests.hf_fixtures import make_hf_model, state_dict_numpy, torch_logits
 
 TOL = 1e-4
@@ -31,7 +31,7 @@ def _tokens(batch, seq, vocab=256, seed=0):
     return np.random.RandomState(seed).randint(0, vocab, (batch, seq)).astype(np.int32)
 
 
-_fwd = jax.jit(forward, static_argnames=("cfg", "dtype", "remat", "attention_impl"))
+_fwd = jax.jit(forward, static_argnames=("cfg", "dtype", "remat"))
 
 
 @pytest.fixture(scope="module")
@@ -150,16 +150,23 @@ def test_loss_and_gradients_match_torch(llama3_kv2):
 
 
 @pytest.mark.parametrize("remat", ["full", "dots", "save_qkv_proj"])
-def test_remat_and_einsum_attention_change_nothing(llama3_kv2, remat):
+def test_remat_and_per_layer_weights_change_nothing(llama3_kv2, remat):
+    """Remat policies, and the layers run unrolled over per-layer weights instead of
+    scanned, give the same loss and gradients."""
     _, cfg, params = llama3_kv2
     tokens = _tokens(2, 16, seed=4)
 
-    def loss(p, remat, impl):
-        logits, _ = forward(p, tokens, cfg, remat=remat, attention_impl=impl)
+    def loss(p, remat):
+        logits, _ = forward(p, tokens, cfg, remat=remat)
         return cross_entropy(logits[:, :-1], jnp.asarray(tokens[:, 1:]))[0]
 
-    base, g0 = jax.jit(jax.value_and_grad(loss), static_argnums=(1, 2))(params, "none", None)
-    other, g1 = jax.jit(jax.value_and_grad(loss), static_argnums=(1, 2))(params, remat, "einsum")
+    def restack(g):  # per-layer gradients back to the stacked layout
+        return {**g, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *g["layers"])}
+
+    base, g0 = jax.jit(jax.value_and_grad(loss), static_argnums=(1,))(params, "none")
+    other, g1 = jax.jit(jax.value_and_grad(loss), static_argnums=(1,))(
+        unstack_layers(params), remat)
+    g1 = restack(g1)
     np.testing.assert_allclose(float(other), float(base), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * np.abs(a).max())

@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from bench.plan import make_plan
-from meditron_jax.cli import main
-from meditron_jax.config import preset
+from cli.plan import make_plan
+from cli.main import main
+from meditron_jax.model.config import preset
 from meditron_jax.model import abstract_params, forward
 from sharding.aot import refusal_sizes, step_flops
 
@@ -64,7 +64,7 @@ def test_cli_writes_the_plan(tmp_path):
     out = tmp_path / "plan.json"
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
     proc = subprocess.run(
-        [sys.executable, "-m", "meditron_jax", "plan", "--model", "tiny", "--target", "cpu:8",
+        [sys.executable, "-m", "cli", "plan", "--model", "tiny", "--target", "cpu:8",
          "--mesh", "data=2,fsdp=4", "--batch", "8", "--seq", "64", "--json", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -40,10 +40,10 @@ import jax
 import numpy as np
 import pytest
 
-from meditron_jax import config
-from meditron_jax.config import LlamaConfig, preset
-from meditron_jax.convert import convert_to_native
-from meditron_jax.loading import load_model
+from meditron_jax.model import config
+from meditron_jax.model.config import LlamaConfig, preset
+from meditron_jax.io.convert import convert_to_native
+from meditron_jax.io.loading import load_model
 from meditron_jax.model import forward
 from tests import hf_fixtures
 
@@ -115,7 +115,7 @@ def test_every_file_is_listed():
 def test_published_config_parses_as_transformers_reads_it(name, caplog):
     from transformers import LlamaConfig as HFConfig
     hf = published(name)
-    with caplog.at_level(logging.WARNING, logger="meditron_jax.config"):
+    with caplog.at_level(logging.WARNING, logger="meditron_jax.model.config"):
         cfg = LlamaConfig.from_hf(dict(hf))
     assert derived(cfg) == EXPECTED[name]
     warned = [r.getMessage() for r in caplog.records]

@@ -25,10 +25,10 @@ import torch
 from transformers import LlamaConfig as HFConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from meditron_jax.config import LlamaConfig, RopeScaling
-from meditron_jax.hf_keys import params_from_hf
-from meditron_jax.kvcache import KVCache
-from meditron_jax.layers import rope_inv_freq, rope_tables
+from meditron_jax.model.config import LlamaConfig, RopeScaling
+from meditron_jax.io.hf_keys import params_from_hf
+from meditron_jax.model.kvcache import KVCache
+from meditron_jax.model.layers import rope_inv_freq, rope_tables
 from meditron_jax.model import forward
 from tests.hf_fixtures import make_hf_model, state_dict_numpy, torch_logits
 

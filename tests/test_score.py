@@ -11,9 +11,9 @@ import torch
 import sharding
 from infer import runner
 from infer.score import ScoreRequest, Scorer, encode_pair
-from meditron_jax import cli
+from cli import main as cli
 from meditron_jax.errors import UserError
-from meditron_jax.loading import load_model
+from meditron_jax.io.loading import load_model
 from tests import hf_fixtures
 
 REQUESTS = [

@@ -11,10 +11,10 @@ import optax
 import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
-from meditron_jax.config import preset
+from meditron_jax.model.config import preset
 from meditron_jax.errors import UserError
-from meditron_jax.kvcache import KVCache
-from meditron_jax.lora import LoraConfig
+from meditron_jax.model.kvcache import KVCache
+from meditron_jax.model.lora import LoraConfig
 from meditron_jax.model import (abstract_params, forward, init_params, is_spec, padded_vocab_size,
                                 param_specs)
 from sharding import (INFER_RULES, LOGICAL_NAMES, PRESETS, TRAIN_RULES, Rules,
@@ -150,7 +150,7 @@ def test_kv_heads_the_tensor_axis_cannot_split_are_replicated():
     assert cache_heads(TINY, make_mesh("tensor=2"), INFER_RULES) == 2
     assert cache_heads(BIG, make_mesh("fsdp=8"), TRAIN_RULES) == 8
     cache = cache_shardings(mesh, INFER_RULES)
-    assert cache.k.spec == P(None, None, None, "tensor") and cache.k == cache.v
+    assert cache.k.spec == P(None, None, "tensor") and cache.k == cache.v
 
 
 def test_vocab_padded_to_a_multiple_of_128():

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from meditron_jax.config import preset
+from meditron_jax.model.config import preset
 from meditron_jax.model import init_params, logical_axes
 from sharding import TRAIN_RULES, make_mesh, mesh_shape, param_shardings, place
 from tests.sharding_cases import assert_close, forward_and_step

@@ -12,8 +12,8 @@ import sys
 import jax
 from jax.sharding import AbstractMesh, AxisType
 
-from meditron_jax.config import preset
-from meditron_jax.kvcache import KVCache
+from meditron_jax.model.config import preset
+from meditron_jax.model.kvcache import KVCache
 from meditron_jax.model import abstract_params, logical_axes
 from sharding import INFER_RULES, MESH_AXES, TRAIN_RULES, cache_heads, describe, parse_mesh_spec
 

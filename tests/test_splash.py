@@ -16,7 +16,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from meditron_jax.errors import UserError
 from meditron_jax.kernels.splash import splash_attention
-from meditron_jax.layers import attention, attention_mask
+from meditron_jax.kernels.xla import cached_attention, self_mask
+from tests.attention_reference import reference_attention
 from sharding import make_mesh
 
 B, H = 2, 64
@@ -42,9 +43,8 @@ def _value_and_grads(fn, q, k, v, weights):
 
 
 def _reference(q, k, v, weights, segments):
-    slots = jnp.broadcast_to(jnp.arange(q.shape[1]), segments.shape)
-    mask = attention_mask(segments, slots, segments)
-    return _value_and_grads(lambda q, k, v: attention(q, k, v, mask, "einsum"), q, k, v, weights)
+    return _value_and_grads(lambda q, k, v: reference_attention(q, k, v, segments), q, k, v,
+                            weights)
 
 
 @pytest.mark.parametrize("t, n, kv, packed, mesh", [
@@ -102,8 +102,8 @@ def test_compiles_for_tpu_without_attention_temporaries():
                                  sharding=NamedSharding(mesh, P(("data", "fsdp")))))
 
     def xla(q, k, v, segments):
-        slots = jnp.broadcast_to(jnp.arange(t), segments.shape)
-        return attention(q, k, v, attention_mask(segments, slots, segments))
+        # XLA attention over the whole [T, S] (no query chunks)
+        return cached_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), self_mask(segments))
 
     def step(fn):
         loss = lambda q, k, v, s: jnp.sum(fn(q, k, v, s).astype(jnp.float32))

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from infer.sweep import SETTINGS_SUFFIX, ResumableOutput, id_key, read_requests, run_sweep
-from meditron_jax import cli
+from cli import main as cli
 from meditron_jax.errors import UserError
 from meditron_jax.jsonl import drop_torn_tail, read_jsonl
 
@@ -45,7 +45,7 @@ def test_sigkill_midway_then_rerun_gives_each_id_once(tiny_hf_dir, tmp_path):
     src = _write(tmp_path / "prompts.jsonl", PROMPTS)
     ref, out = str(tmp_path / "ref.jsonl"), str(tmp_path / "out.jsonl")
     assert cli.main(["generate", "--model", tiny_hf_dir] + _args(src, ref)) == 0
-    command = [sys.executable, "-m", "meditron_jax", "generate", "--model", tiny_hf_dir]
+    command = [sys.executable, "-m", "cli", "generate", "--model", tiny_hf_dir]
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=2")
     proc = subprocess.Popen(command + _args(src, out), cwd=REPO, env=env,

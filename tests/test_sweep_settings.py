@@ -11,9 +11,9 @@ import shutil
 import pytest
 
 from infer import cli_common
-from meditron_jax.loading import model_fingerprint
+from meditron_jax.io.loading import model_fingerprint
 from infer.sweep import SETTINGS_SUFFIX, ResumableOutput
-from meditron_jax import cli
+from cli import main as cli
 from meditron_jax.errors import UserError
 from tests import hf_fixtures
 

@@ -21,12 +21,13 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import sharding
-from meditron_jax import checkpoint, cli, hf_io, tensor_blocks
-from meditron_jax.config import LlamaConfig
-from meditron_jax.convert import convert_to_native, export_to_hf
+from meditron_jax.io import checkpoint, hf_io, tensor_blocks
+from cli import main as cli
+from meditron_jax.model.config import LlamaConfig
+from meditron_jax.io.convert import convert_to_native, export_to_hf
 from meditron_jax.errors import UserError
-from meditron_jax.hf_keys import hf_from_params, params_from_hf
-from meditron_jax.loading import load_model
+from meditron_jax.io.hf_keys import hf_from_params, params_from_hf
+from meditron_jax.io.loading import load_model
 from meditron_jax.model import forward, padded_vocab_size
 from tests import hf_fixtures
 

@@ -10,8 +10,8 @@ import typing
 
 import pytest
 
-from meditron_jax.cli import main
-from meditron_jax.config import preset
+from cli.main import main
+from meditron_jax.model.config import preset
 from meditron_jax.errors import UserError
 from sharding import parse_mesh_spec
 from train.config import RANGES, RunConfig, from_dict, load
@@ -35,8 +35,8 @@ def test_yaml_and_overrides(tmp_path):
     assert cfg.optim.lr == 3e-4  # YAML 1.1 reads 3e-4 as a string; still a float here
     assert cfg.data.train_files == ("a.txt", "b.txt") and cfg.lora.targets == ("q",)
     assert cfg.optim.clip_norm is None
-    assert cfg.model.scan_layers is None  # automatic: unrolled only under oneMKL
-    assert load(path, ["model.scan_layers=false"]).model.scan_layers is False
+    assert cfg.model.attention == "auto"  # meditron_jax.kernels picks per platform
+    assert load(path, ["model.attention=xla"]).model.attention == "xla"
     assert RunConfig().to_dict()["train"]["batch_size"] == 8  # constructible from Python too
 
 
@@ -45,7 +45,8 @@ def test_yaml_and_overrides(tmp_path):
     ("train:\n  step: 3\n", [], r"unknown key train\.'step'; known keys in train: steps"),
     ("", ["optim.learning_rate=1"], r"unknown key optim\.'learning_rate'"),
     ("train:\n  steps: three\n", [], r"train\.steps must be an integer, got 'three'"),
-    ("model:\n  scan_layers: sometimes\n", [], r"model\.scan_layers must be true or false"),
+    ("model:\n  verify: sometimes\n", [], r"model\.verify must be true or false"),
+    ("model:\n  attention: flash\n", [], r"model\.attention must be one of auto, xla, splash, cudnn"),
     ("train: 5\n", [], r"train must be a mapping"),
     ("data:\n  kind: rl\n", [], r"data\.kind must be one of pretrain, sft, got 'rl'"),
     ("train:\n  batch_size: 6\n  grad_accum: 4\n", [], r"multiple of train\.grad_accum"),

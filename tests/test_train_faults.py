@@ -21,7 +21,7 @@ import sys
 import pytest
 
 from meditron_jax import atomic
-from meditron_jax.cli import main
+from cli.main import main
 from meditron_jax.errors import UserError
 from tests.train_support import (compilation_cache, losses, tiny_run, tiny_run_dict,
                                  to_overrides)
@@ -164,9 +164,9 @@ CHILD = r"""
 import json, os, resource, signal, sys, time
 sys.path.insert(0, sys.argv[1])
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
-import meditron_jax.checkpoint
+import meditron_jax.io.checkpoint
 import train.checkpoints
-from meditron_jax.cli import main
+from cli.main import main
 
 check = train.checkpoints.Checkpointer.check
 
@@ -178,7 +178,7 @@ def check_after_the_write(self):  # as if each step outlasted the background wri
 train.checkpoints.Checkpointer.check = check_after_the_write
 
 owner, name = ((train.checkpoints.Checkpointer, "save") if sys.argv[2] == "checkpoint"
-               else (meditron_jax.checkpoint, "save_params"))
+               else (meditron_jax.io.checkpoint, "save_params"))
 real, calls = getattr(owner, name), []
 
 def full_from_the_second_save(*args, **kwargs):
@@ -255,5 +255,5 @@ def test_disk_full_during_the_final_save_then_the_rerun_writes_it(disk_full, ref
                                        "train_run.json"]  # no model, no partial one
     again = run_training(tiny_run(out, **RUN))
     assert again["start_step"] == again["steps"] == 12 and losses(again["metrics"]) == reference
-    from meditron_jax.loading import load_model
+    from meditron_jax.io.loading import load_model
     assert load_model(again["model"]).kind == "native"

@@ -3,7 +3,7 @@ ends: the same final weights (the native ``model/`` and the last Orbax step: par
 optimizer state and data position, every array bitwise), a metrics.jsonl holding every
 step once with the same values, and no leftover file.
 
-Every run is the real CLI (``python -m meditron_jax train``: SFT on the bundled Q&A
+Every run is the real CLI (``python -m cli train``: SFT on the bundled Q&A
 pairs, packed, a checkpoint every step) in its own process group; a kill is SIGKILL to
 the whole group, as when a host dies. The moments:
 
@@ -42,7 +42,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from meditron_jax.checkpoint import restore_params
+from meditron_jax.io.checkpoint import restore_params
 from tests.train_support import QA, tiny_run_dict, to_overrides
 
 STEPS = 6
@@ -60,7 +60,7 @@ def _args(out: str) -> list[str]:
     raw = tiny_run_dict(out, data={"kind": "sft", "train_files": [QA], "seq_len": 32},
                         train={"steps": STEPS}, checkpoint={"every": 1, "keep": 2},
                         log={"every": 1, "cpu_peak_flops": 1e9})  # (no MFU probe at start)
-    return [sys.executable, "-m", "meditron_jax", "train",
+    return [sys.executable, "-m", "cli", "train",
             *itertools.chain.from_iterable(("--set", s) for s in to_overrides(raw))]
 
 

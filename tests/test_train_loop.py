@@ -76,7 +76,7 @@ def test_run_artifacts(learned):
 def test_final_model_is_a_native_checkpoint_that_loads(learned):
     """What generate/score/export and a later run's model.init_from read."""
     import jax
-    from meditron_jax.loading import load_model
+    from meditron_jax.io.loading import load_model
     from meditron_jax.model import abstract_params
     from train.checkpoints import Checkpointer
     summary, _ = learned

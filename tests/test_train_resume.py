@@ -56,7 +56,7 @@ def test_one_device_matches_eight(reference, tmp_path):
 
 
 def _start(out, log_path):
-    cmd = [sys.executable, "-m", "meditron_jax", "train", *sum(
+    cmd = [sys.executable, "-m", "cli", "train", *sum(
         (["--set", s] for s in to_overrides(tiny_run_dict(out))), [])]
     log = open(log_path, "w")
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log
@@ -135,7 +135,7 @@ def test_signal_saves_a_step_the_schedule_would_not(tmp_path, reference, sig, st
     step's compilation alone must save step 1 (Ctrl-C used to exit 130 with every step
     since the last checkpoint lost)."""
     raw = tiny_run_dict(tmp_path, checkpoint={"every": 1000})
-    cmd = [sys.executable, "-m", "meditron_jax", "train",
+    cmd = [sys.executable, "-m", "cli", "train",
            *sum((["--set", s] for s in to_overrides(raw)), [])]
     log_path = str(tmp_path) + ".log"
     with open(log_path, "w") as log:

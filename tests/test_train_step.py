@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from meditron_jax.config import LlamaConfig, preset
-from meditron_jax.hf_keys import params_from_hf
+from meditron_jax.model.config import LlamaConfig, preset
+from meditron_jax.io.hf_keys import params_from_hf
 from meditron_jax.model import init_params
 from sharding import TRAIN_RULES, make_mesh
 from tests.hf_fixtures import make_hf_model, state_dict_numpy

@@ -22,7 +22,7 @@ import threading
 import jax
 import orbax.checkpoint as ocp
 
-from meditron_jax.checkpoint import storage_errors
+from meditron_jax.io.checkpoint import storage_errors
 from meditron_jax.errors import UserError
 from train.step import TrainState, with_shardings
 

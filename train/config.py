@@ -3,7 +3,7 @@
 An unknown key, a wrong type or a bad value is a one-line :class:`UserError` naming the
 key. ``--set section.key=value`` overrides are parsed as YAML scalars and go through
 the same checks. The architecture is not here: it comes from ``model.preset``,
-``model.config`` or the checkpoint in ``model.init_from`` (see ``meditron_jax.config``).
+``model.config`` or the checkpoint in ``model.init_from`` (see ``meditron_jax.model.config``).
 """
 from __future__ import annotations
 
@@ -34,14 +34,13 @@ class ModelSection:
     param_dtype: str = "float32"         # master weights (LoRA: the frozen base)
     compute_dtype: str = "bfloat16"
     remat: str = "full"
-    attention_impl: str | None = None    # None: let JAX pick; "cudnn" on H100; "einsum"
+    attention: str = "auto"              # auto | xla | splash | cudnn (meditron_jax.kernels)
     loss_chunk: int = 1024               # positions per logits chunk in the loss (memory knob)
-    scan_layers: bool | None = None      # None: scanned, unrolled under oneMKL (one CPU)
 
     def architecture_overrides(self) -> dict:
         """``overrides`` as typed ``LlamaConfig`` fields (a RopeScaling from its mapping);
         a wrong key or type is a UserError naming ``model.overrides.KEY``."""
-        from meditron_jax.config import LlamaConfig
+        from meditron_jax.model.config import LlamaConfig
         return typed_fields(LlamaConfig, self.overrides, "run config", "model.overrides.")
 
 
@@ -178,6 +177,8 @@ def validate(cfg: RunConfig) -> None:
     _choice("model.compute_dtype", m.compute_dtype, DTYPES)
     from meditron_jax.model import REMAT_POLICIES
     _choice("model.remat", m.remat, REMAT_POLICIES)
+    from meditron_jax.kernels import ATTENTION
+    _choice("model.attention", m.attention, ATTENTION)
     _choice("data.kind", d.kind, ("pretrain", "sft"))
     _choice("data.overlong", d.overlong, ("split", "truncate"))
     _choice("optim.decay", o.decay, ("cosine", "linear", "constant"))

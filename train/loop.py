@@ -22,9 +22,9 @@ import numpy as np
 
 from meditron_jax import atomic
 from meditron_jax.errors import UserError
-from meditron_jax.lora import init_lora, save_adapters
+from meditron_jax.model.lora import init_lora, save_adapters
 from meditron_jax.model import abstract_params
-from sharding import (PRESETS, activation_constrainer, check_batch, check_model_fits,
+from sharding import (PRESETS, activation_constrainer, check_batch, check_model_fits, step_kernels,
                       describe, init_sharded, make_mesh, param_shardings)
 from train import setup
 from train.checkpoints import Checkpointer, Preemption
@@ -57,7 +57,7 @@ def _load_base(run: RunConfig, cfg, mesh, rules, dtype):
         ckpt.close()
         return jax.tree.map(lambda x: x.astype(dtype), params)
     if src:
-        from meditron_jax.loading import load_model
+        from meditron_jax.io.loading import load_model
         loaded = load_model(src, shardings=lambda c: param_shardings(c, mesh, rules), dtype=dtype,
                             verify=run.model.verify)
         return loaded.params
@@ -109,8 +109,11 @@ def _train(run: RunConfig, out: str, preemption: Preemption) -> dict:
                         f"max_position_embeddings ({cfg.max_position_embeddings})")
     tok, eos, tok_dir = setup.tokenizer_for(run, cfg)
     data = setup.make_data(run, tok, eos)  # every data file validated before any compile
+    kernels = step_kernels(run.model.attention, mesh, rules, packed=True,  # chosen once, logged
+                           dtype=setup.DTYPES[run.model.compute_dtype], head_dim=cfg.head_dim)
     if jax.process_index() == 0:
-        atomic.write_json(os.path.join(out, setup.RUN_META), {"model": cfg.to_hf(), "run": run.to_dict()})
+        atomic.write_json(os.path.join(out, setup.RUN_META), {
+            "model": cfg.to_hf(), "run": run.to_dict(), "kernels": kernels.record()})
     setup.keep_tokenizer(tok_dir, out)
 
     param_dtype = setup.DTYPES[run.model.param_dtype]
@@ -118,9 +121,8 @@ def _train(run: RunConfig, out: str, preemption: Preemption) -> dict:
     lr = schedule(run.optim, run.train.steps)
     opts = StepOptions(grad_accum=run.train.grad_accum,
                        compute_dtype=setup.DTYPES[run.model.compute_dtype],
-                       remat=run.model.remat, attention_impl=run.model.attention_impl,
-                       loss_chunk=run.model.loss_chunk, lora=lcfg,
-                       scan_layers=run.model.scan_layers)
+                       remat=run.model.remat, kernels=kernels,
+                       loss_chunk=run.model.loss_chunk, lora=lcfg)
     abstract = abstract_state(cfg, optimizer, param_dtype, lcfg)
     shardings = state_shardings(cfg, abstract, mesh, rules, lcfg)
     constrain = activation_constrainer(mesh, rules)
@@ -235,7 +237,7 @@ def _finish(run, cfg, out, state, lcfg, ckpt, writer, last, start, step, stopped
         if jax.process_index() == 0 and (step > start or not os.path.exists(adapter)):
             save_adapters(jax.device_get(state.params), lcfg, adapter, base_model=run.model.init_from)
     elif not stopped_by:
-        from meditron_jax.checkpoint import save_params
+        from meditron_jax.io.checkpoint import save_params
         model = os.path.join(out, "model")
         if step > start or not os.path.exists(model):  # every process: a collective save
             try:

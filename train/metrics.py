@@ -19,9 +19,9 @@ import time
 import jax
 import jax.numpy as jnp
 
-from meditron_jax.config import LlamaConfig
+from meditron_jax.model.config import LlamaConfig
 from meditron_jax.jsonl import JsonlAppender, drop_torn_tail, iter_jsonl
-from meditron_jax.lora import LoraConfig, init_lora
+from meditron_jax.model.lora import LoraConfig, init_lora
 
 # Dense (not "with sparsity") peak FLOP/s per chip as (bfloat16, float32), matched as
 # substrings of ``device.device_kind``, most specific first. Vendor datasheets: Google
@@ -85,22 +85,18 @@ def measured_cpu_flops(compute_dtype: str) -> tuple[float, str]:
     device (which uses all the host's cores), jitted, best of ``PROBE_REPEATS`` after a
     warm-up: a ceiling, which a busy moment lowers in a median but not in a best. Timed
     in the compute dtype and in float32 (XLA:CPU runs a large bfloat16 product slower
-    than a float32 one, and may run the model's small ones through float32 kernels), and
-    for float32 also through oneMKL where the model hands its products to it
-    (:mod:`meditron_jax.cpu_gemm`). Once per process and dtype."""
+    than a float32 one, and may run the model's small ones through float32 kernels).
+    Once per process and dtype."""
     if compute_dtype == "float32":
         return _fastest_matmul("float32")
     return max(_fastest_matmul(compute_dtype), measured_cpu_flops("float32"))
 
 
 def _fastest_matmul(dtype_name: str) -> tuple[float, str]:
-    from meditron_jax import cpu_gemm
     dtype, device = jnp.dtype(dtype_name), jax.devices("cpu")[0]
     a, b = (jax.device_put(jax.random.normal(k, (PROBE_N, PROBE_N), dtype), device)
             for k in jax.random.split(jax.random.key(0)))
     libs = {"XLA": jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))}
-    if dtype == jnp.float32 and cpu_gemm.resolve() == "blas":
-        libs["oneMKL"] = jax.jit(cpu_gemm.matmul)
     rates = []
     for lib, fn in libs.items():
         fn(a, b).block_until_ready()

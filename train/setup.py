@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 
 from meditron_jax import atomic
-from meditron_jax.checkpoint import copy_side_files, read_config
-from meditron_jax.config import LlamaConfig, preset
+from meditron_jax.io.checkpoint import copy_side_files, read_config
+from meditron_jax.model.config import LlamaConfig, preset
 from meditron_jax.errors import UserError
-from meditron_jax.lora import LoraConfig
+from meditron_jax.model.lora import LoraConfig
 from meditron_jax.tokenizer import Tokenizer
 from train import bpe
 from train.config import RunConfig
@@ -53,7 +53,7 @@ def init_from_config(path: str) -> LlamaConfig:
     if is_run_dir(path):
         with open(os.path.join(path, RUN_META), encoding="utf-8") as f:
             return LlamaConfig.from_hf(json.load(f)["model"])
-    from meditron_jax.loading import directory_kind
+    from meditron_jax.io.loading import directory_kind
     if directory_kind(path) == "native":
         return read_config(path)
     return LlamaConfig.from_hf(path)

@@ -23,12 +23,12 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from meditron_jax import cpu_gemm
-from meditron_jax.config import LlamaConfig
-from meditron_jax.lora import LoraConfig, init_lora, lora_logical_axes
+from meditron_jax.kernels import XLA, Kernels
+from meditron_jax.model.config import LlamaConfig
+from meditron_jax.model.lora import LoraConfig, init_lora, lora_logical_axes
 from meditron_jax.model import abstract_params, forward, mask_padded_vocab
 from sharding import (activation_constrainer, batch_sharding, check_batch, derived_shardings,
-                      param_shardings, replicated, tree_shardings)
+                      param_shardings, replicated, step_kernels, tree_shardings)
 from sharding.rules import Rules
 from train.config import OptimSection
 from train.optim import make_optimizer, schedule
@@ -51,14 +51,13 @@ class StepOptions:
     grad_accum: int = 1
     compute_dtype: Any = jnp.bfloat16
     remat: str = "full"
-    attention_impl: str | None = None
+    kernels: Kernels = XLA         # attention path (sharding.step_kernels), fixed per step
     loss_chunk: int = 1024         # sequence positions per logits chunk (vocab is large)
     lora: LoraConfig | None = None
-    scan_layers: bool | None = None  # None: scanned, unrolled when oneMKL runs the matmuls
 
 
 def chunked_loss_sums(params, hidden, targets, weights, cfg: LlamaConfig, chunk: int,
-                      head_grad: bool = True, matmul_impl: str | None = None):
+                      head_grad: bool = True):
     """(sum of weighted next-token NLL, sum of weights) without the full [B,T,V] logits.
 
     The sequence is cut into chunks of at most ``chunk`` positions, so at most
@@ -73,14 +72,8 @@ def chunked_loss_sums(params, hidden, targets, weights, cfg: LlamaConfig, chunk:
     """
     t = hidden.shape[1]
     chunk = math.gcd(t, min(chunk, t))
-    tied = cfg.tie_word_embeddings
-    if cpu_gemm.resolve(matmul_impl) == "blas" and hidden.dtype == jnp.float32:
-        # oneMKL reads a tied head as the [V, D] embedding itself (no transposed copy)
-        head = _Head(params["embed"] if tied else params["lm_head"], tied, "blas",
-                     cfg.vocab_size)
-    else:
-        head = _Head(params["embed"].T if tied else params["lm_head"], False, "xla",
-                     cfg.vocab_size)
+    head = _Head(params["embed"].T if cfg.tie_word_embeddings else params["lm_head"],
+                 cfg.vocab_size)
     nll = _head_nll(hidden, head.w.astype(hidden.dtype), targets, weights, chunk, head_grad,
                     head.static)
     return nll, jnp.sum(weights)
@@ -88,38 +81,23 @@ def chunked_loss_sums(params, hidden, targets, weights, cfg: LlamaConfig, chunk:
 
 @dataclasses.dataclass(frozen=True)
 class _Head:
-    """The head's three products on [M, D] rows: ``w`` is [D, V], or [V, D] when
-    ``transposed`` (a tied embedding under oneMKL); ``impl`` is "xla" or "blas";
-    ``vocab`` the true vocabulary (V may be padded beyond it)."""
+    """The head's three products on [B, C, D] rows: ``w`` is [D, V]; ``vocab`` the true
+    vocabulary (V may be padded beyond it)."""
     w: Any
-    transposed: bool
-    impl: str
     vocab: int
 
     @property
-    def static(self) -> tuple[bool, str, int]:
-        return self.transposed, self.impl, self.vocab
+    def static(self) -> tuple[int]:
+        return (self.vocab,)
 
     def logits(self, h):                       # [B, C, D] -> [B, C, V] float32
-        if self.impl == "xla":
-            return jnp.einsum("BTD,DV->BTV", h, self.w, preferred_element_type=jnp.float32)
-        b, c, d = h.shape
-        return cpu_gemm.matmul(h.reshape(b * c, d), self.w, False, self.transposed).reshape(
-            b, c, -1)
+        return jnp.einsum("BTD,DV->BTV", h, self.w, preferred_element_type=jnp.float32)
 
     def d_hidden(self, dlogits):               # [B, C, V] -> [B, C, D] float32
-        if self.impl == "xla":
-            return jnp.einsum("BTV,DV->BTD", dlogits, self.w, preferred_element_type=jnp.float32)
-        b, c, v = dlogits.shape
-        return cpu_gemm.matmul(dlogits.reshape(b * c, v), self.w, False,
-                               not self.transposed).reshape(b, c, -1)
+        return jnp.einsum("BTV,DV->BTD", dlogits, self.w, preferred_element_type=jnp.float32)
 
-    def d_weight(self, h, dlogits):            # -> the shape of w, float32
-        if self.impl == "xla":
-            return jnp.einsum("BTD,BTV->DV", h, dlogits, preferred_element_type=jnp.float32)
-        h2, dl2 = h.reshape(-1, h.shape[-1]), dlogits.reshape(-1, dlogits.shape[-1])
-        return (cpu_gemm.matmul(dl2, h2, True, False) if self.transposed
-                else cpu_gemm.matmul(h2, dl2, True, False))
+    def d_weight(self, h, dlogits):            # -> [D, V] float32
+        return jnp.einsum("BTD,BTV->DV", h, dlogits, preferred_element_type=jnp.float32)
 
 
 def _split_chunks(chunk: int, *xs):
@@ -196,9 +174,8 @@ def make_loss_sums(cfg: LlamaConfig, opts: StepOptions, constrain=None) -> Calla
             params, lora = trainable, None
         hidden, _ = forward(params, batch["inputs"], cfg, positions=batch["positions"],
                             segment_ids=batch["segment_ids"], dtype=opts.compute_dtype,
-                            remat=opts.remat, attention_impl=opts.attention_impl,
-                            constrain=constrain, return_hidden=True, lora=lora,
-                            scan_layers=opts.scan_layers)
+                            remat=opts.remat, kernels=opts.kernels,
+                            constrain=constrain, return_hidden=True, lora=lora)
         return chunked_loss_sums(params, hidden, batch["targets"],
                                  batch["weights"].astype(jnp.float32), cfg, opts.loss_chunk,
                                  head_grad=opts.lora is None)
@@ -314,14 +291,16 @@ def abstract_train_step(cfg: LlamaConfig, mesh: Mesh, rules: Rules, *, batch: in
                         remat: str = "full", param_dtype=jnp.float32,
                         compute_dtype=jnp.bfloat16, grad_accum: int = 1,
                         lora: LoraConfig | None = None, optim: OptimSection | None = None,
-                        attention_impl: str | None = None):
+                        attention: str = "auto"):
     """The real train step and ShapeDtypeStructs (with shardings) of its arguments, so
     ``fn.lower(*args).compile()`` plans memory and FLOPs without allocating anything."""
     check_batch(batch // grad_accum, mesh, rules)
     optim = optim or OptimSection()
     optimizer = make_optimizer(optim, total_steps=1000)
     opts = StepOptions(grad_accum=grad_accum, compute_dtype=compute_dtype, remat=remat,
-                       attention_impl=attention_impl, lora=lora)
+                       kernels=step_kernels(attention, mesh, rules, packed=True,
+                                            dtype=compute_dtype, head_dim=cfg.head_dim),
+                       lora=lora)
     abstract = abstract_state(cfg, optimizer, param_dtype, lora)
     shardings = state_shardings(cfg, abstract, mesh, rules, lora)
     step = make_train_step(cfg, optimizer, schedule(optim, 1000), opts,

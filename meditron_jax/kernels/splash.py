@@ -3,7 +3,7 @@
 The kernel works on one sequence: q [N, T, H], k/v [K, S, H] with N a multiple of K
 (query head n reads key head n // (N/K), the model's [K, G] head order), a static
 causal mask and per-token segment ids (tokens attend only within their segment, so
-segment 0 = padding behaves as in :func:`meditron_jax.layers.attention_mask`). It does
+segment 0 = padding behaves as in :func:`meditron_jax.model.layers.attention_mask`). It does
 not scale the logits: q is scaled by 1/sqrt(H) first. Here it is vmapped over the
 batch and, given a mesh, run under ``jax.shard_map`` with the batch split over the
 mesh's batch axes and the heads over its head axis: a Pallas call is a custom call
@@ -31,7 +31,7 @@ BLOCK = 512     # default tile (MaxText's); T=640 gets gcd(512, 640) = 128
 
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                      segment_ids: jax.Array | None, *, mesh: Mesh | None = None,
-                     batch_axes: tuple[str, ...] = ("data", "fsdp"), head_axis: str = "tensor",
+                     batch_axes: tuple[str, ...] = ("data", "fsdp"), head_axis: str | None = "tensor",
                      block: int = BLOCK, interpret: bool = False) -> jax.Array:
     """Causal attention, q [B,T,N,H], k/v [B,S,K,H] (S == T: no cache), segment_ids
     [B,T] int or None (one segment) -> [B,T,N,H] in q's dtype, scale 1/sqrt(H).
@@ -54,7 +54,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     if mesh is None:
         return local(q, k, v, segment_ids)
     batch_shards = math.prod(mesh.shape[a] for a in batch_axes)
-    heads_shards = mesh.shape[head_axis]
+    heads_shards = mesh.shape[head_axis] if head_axis else 1
     if b % batch_shards:
         raise UserError(f"splash attention: batch {b} does not split over mesh axes "
                         f"{'*'.join(batch_axes)} = {batch_shards}")

@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from meditron_jax.convert import convert_to_native
+    from meditron_jax.io.convert import convert_to_native
     result = convert_to_native(args.model, args.out, dtype=args.dtype,
                                overwrite=args.overwrite, quiet=args.quiet,
                                verify=not args.no_verify)

@@ -8,7 +8,7 @@ touch only those bytes), and the native checkpoint's chunks are exactly these bl
 by a tensor or the model.
 
 The index mapping follows each key rule's declared ``hf_dims`` (see
-:mod:`meditron_jax.hf_keys`): an HF dim flattens one or more of our dims, so a slice of
+:mod:`meditron_jax.io.hf_keys`): an HF dim flattens one or more of our dims, so a slice of
 our array is read as the covering rows of the HF tensor, then reshaped, cut and
 transposed. Where our layout pads the vocabulary, the HF tensor holds only the first
 ``cfg.vocab_size`` entries of that axis (``TensorPlan.stored_shape``): reads zero-fill
@@ -22,8 +22,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from meditron_jax.config import LlamaConfig
-from meditron_jax.hf_keys import KeyRule, rules, stored_layer_shape
+from meditron_jax.model.config import LlamaConfig
+from meditron_jax.io.hf_keys import KeyRule, rules, stored_layer_shape
 
 BLOCK_BYTES = 32 << 20  # float32-sized; small next to an 8B model's 2 GB embed, large for I/O
 

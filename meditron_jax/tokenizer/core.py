@@ -100,6 +100,14 @@ class Tokenizer:
             ids = [self.bos_id] + ids
         return ids
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]] | None:
+        """Ids of ``text`` (no bos) and each token's [start, end) characters in it, where
+        the tokenizer can tell them (tokenizer.json); None for sentencepiece."""
+        if self.kind == "sentencepiece":
+            return None
+        enc = self._backend.encode(text, add_special_tokens=False)
+        return list(enc.ids), [tuple(o) for o in enc.offsets]
+
     def encode_batch(self, texts: Sequence[str], add_bos: bool = True) -> list[list[int]]:
         return [self.encode(t, add_bos) for t in texts]
 

@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from meditron_jax.config import LlamaConfig
+from meditron_jax.model.config import LlamaConfig
 from meditron_jax.errors import UserError
 from meditron_jax.model import param_specs
 
@@ -33,7 +33,7 @@ class KeyRule:
     to_hf: Callable[[np.ndarray, LlamaConfig], np.ndarray]
     # The same transform, declared: for each HF dim, the (per-layer) dims of our array
     # it flattens, outermost first (q's HF [heads*head_dim, embed] is ((1, 2), (0,))).
-    # Sliced and blockwise reads/writes map an index through it (meditron_jax.tensor_blocks).
+    # Sliced and blockwise reads/writes map an index through it (meditron_jax.io.tensor_blocks).
     hf_dims: tuple[tuple[int, ...], ...] = ()
 
     @property
@@ -184,7 +184,7 @@ def params_from_hf(tensors: dict[str, np.ndarray], cfg: LlamaConfig, dtype=None)
     """In-memory conversion of a full HF state dict (tests and small models), the
     vocabulary padded with zeros.
 
-    The streaming path for real checkpoints lives in :mod:`meditron_jax.convert`.
+    The streaming path for real checkpoints lives in :mod:`meditron_jax.io.convert`.
     """
     check_key_set(tensors, cfg, "state dict")
     for copy, original in tied_copies(cfg).items():

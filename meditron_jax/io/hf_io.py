@@ -23,11 +23,11 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from meditron_jax.config import LlamaConfig
+from meditron_jax.model.config import LlamaConfig
 from meditron_jax.errors import UserError
-from meditron_jax.hf_keys import (check_hf_tensor, check_key_set, is_ignorable, tied_copies,
+from meditron_jax.io.hf_keys import (check_hf_tensor, check_key_set, is_ignorable, tied_copies,
                                   tied_copy_differs)
-from meditron_jax.tensor_blocks import BLOCK_BYTES, Index, TensorPlan, plan, read_ours
+from meditron_jax.io.tensor_blocks import BLOCK_BYTES, Index, TensorPlan, plan, read_ours
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

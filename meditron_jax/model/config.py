@@ -20,7 +20,7 @@ How :meth:`LlamaConfig.from_hf` treats a ``config.json`` (the tables below are t
   version, generation defaults, ...), accepted silently.
 * **Unknown**: any other key (``is_llama_config``, ``transformers.js_config``, an unused
   rope field, ...) is accepted like transformers accepts it, and all of them are named in
-  one warning line (logger ``meditron_jax.config``).
+  one warning line (logger ``meditron_jax.model.config``).
 """
 from __future__ import annotations
 

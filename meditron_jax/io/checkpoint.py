@@ -7,14 +7,14 @@ Layout of a checkpoint directory::
     tokenizer.json ...     copied from the source, when present
     generation_config.json
     checksums.json         size and CRC-32 of every other file, written last
-                           (:mod:`meditron_jax.checksums`)
+                           (:mod:`meditron_jax.io.checksums`)
 
 ``params/`` is a plain Orbax checkpoint (``ocp.PyTreeCheckpointer().restore`` reads it
 without this code). Restores go straight into the target shardings: Orbax reads only
 the chunks each process's devices hold, so a checkpoint saved on one mesh restores
 onto any other. Conversion writes parameters as :class:`StreamedArray` leaves, which a
 small Orbax type handler writes block by block (chunks = the blocks of
-:mod:`meditron_jax.tensor_blocks`), so converting never holds a whole tensor.
+:mod:`meditron_jax.io.tensor_blocks`), so converting never holds a whole tensor.
 
 Loads first check every file against ``checksums.json`` (``verify=False`` skips it; a
 checkpoint from before checksums loads with one warning line), and storage errors (a
@@ -34,11 +34,12 @@ from typing import Callable, Iterator
 import jax
 import numpy as np
 
-from meditron_jax import atomic, checksums
-from meditron_jax.config import LlamaConfig
+from meditron_jax import atomic
+from meditron_jax.io import checksums
+from meditron_jax.model.config import LlamaConfig
 from meditron_jax.errors import UserError
 from meditron_jax.model import abstract_params
-from meditron_jax.tensor_blocks import Index, TensorPlan
+from meditron_jax.io.tensor_blocks import Index, TensorPlan
 from meditron_jax.tokenizer import TOKENIZER_FILES
 
 CONFIG_FILE = "meditron_config.json"

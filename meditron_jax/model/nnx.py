@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from meditron_jax.config import LlamaConfig
+from meditron_jax.model.config import LlamaConfig
 from meditron_jax.model import forward, init_params, is_spec, param_specs
 
 

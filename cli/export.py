@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from meditron_jax.convert_cli import add_common_arguments
+from cli.convert import add_common_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from meditron_jax.convert import export_to_hf
+    from meditron_jax.io.convert import export_to_hf
     result = export_to_hf(args.model, args.out, dtype=args.dtype,
                           max_shard_size=args.max_shard_size, lora=args.lora,
                           overwrite=args.overwrite, quiet=args.quiet,

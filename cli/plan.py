@@ -3,7 +3,7 @@
 Builds the real train step (``train.step``) or decode loop (``infer.engine``) for a
 model, mesh and target, lowers and compiles it from abstract inputs only
 (``sharding.aot``) and prints per-device memory, whether it fits, and FLOPs per step.
-It lives in ``bench/`` because it needs both ``train`` and ``infer``.
+It lives in ``cli/`` because it needs both ``train`` and ``infer``.
 """
 from __future__ import annotations
 
@@ -16,12 +16,13 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
-from meditron_jax import cpu_gemm
-from meditron_jax.config import LlamaConfig, preset, PRESETS as MODEL_PRESETS
+from meditron_jax.kernels import ATTENTION
+from meditron_jax.model.config import LlamaConfig, preset, PRESETS as MODEL_PRESETS
 from meditron_jax.errors import UserError
-from meditron_jax.loading import directory_kind
+from meditron_jax.io.loading import directory_kind
 from meditron_jax.model import REMAT_POLICIES
-from sharding import INFER_RULES, TRAIN_RULES, Rules, cache_heads, describe, make_mesh
+from sharding import (INFER_RULES, TRAIN_RULES, Rules, cache_heads, describe, make_mesh,
+                      step_kernels)
 from sharding.aot import TARGET_EXAMPLES, MemoryPlan, compile_plan, resolve_target, step_flops
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -53,6 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "bfloat16 for infer")
     parser.add_argument("--compute-dtype", choices=tuple(DTYPES), default="bfloat16",
                         help="train: matmul dtype")
+    parser.add_argument("--attention", choices=ATTENTION, default="auto",
+                        help="train: attention kernel (auto: splash on TPU targets, XLA on cpu)")
     parser.add_argument("--json", default=None, metavar="PATH",
                         help="also write the plan as JSON to PATH")
     parser.epilog = "Exit status: 0 when the step fits, 1 when it does not, 2 on bad input."
@@ -120,7 +123,8 @@ def load_config(model: str) -> LlamaConfig:
 
 def make_plan(cfg: LlamaConfig, *, model: str, mode: str, target: str, mesh: str | None,
               batch: int, seq: int, remat: str = "full", grad_accum: int = 1,
-              param_dtype: str | None = None, compute_dtype: str = "bfloat16") -> Plan:
+              param_dtype: str | None = None, compute_dtype: str = "bfloat16",
+              attention: str = "auto") -> Plan:
     """Compile the step for ``target`` and measure it (abstract inputs only)."""
     if batch < 1 or seq < 1 or grad_accum < 1:
         raise UserError("--batch, --seq and --grad-accum must be positive")
@@ -136,32 +140,33 @@ def make_plan(cfg: LlamaConfig, *, model: str, mode: str, target: str, mesh: str
         from train.step import abstract_train_step
         pdt = param_dtype or "float32"
 
-        def build(m):
+        def build(m, attention=attention):
             return abstract_train_step(cfg, m, TRAIN_RULES, batch=batch, seq=seq, remat=remat,
                                        param_dtype=DTYPES[pdt],
                                        compute_dtype=DTYPES[compute_dtype],
-                                       grad_accum=grad_accum)
+                                       grad_accum=grad_accum, attention=attention)
+        # the same facts train.step gives select, so this line names what the step runs
+        kernels = step_kernels(attention, the_mesh, TRAIN_RULES, packed=True,
+                               dtype=DTYPES[compute_dtype], head_dim=cfg.head_dim)
         settings = (f"remat {remat}, params {pdt}, compute {compute_dtype}, "
-                    f"grad accum {grad_accum}, AdamW")
+                    f"grad accum {grad_accum}, AdamW, {kernels.describe()}")
         model_flops = batch * seq * cfg.flops_per_token(seq, training=True)
     else:
         from infer.engine import abstract_decode_step
         pdt = param_dtype or "bfloat16"
 
-        def build(m):
+        def build(m, attention=None):
             return abstract_decode_step(cfg, m, INFER_RULES, batch=batch, max_len=seq,
                                         dtype=DTYPES[pdt])
         settings = f"weights and KV cache {pdt}"
         model_flops = 0.0
     settings += _kv_heads_note(cfg, the_mesh, TRAIN_RULES if mode == "train" else INFER_RULES,
                                mode)
-    # XLA's own dot everywhere: the oneMKL custom call (meditron_jax.cpu_gemm) runs on
-    # this host's CPU only, and cost analysis could not count its FLOPs.
-    with cpu_gemm.forced("xla"):
-        memory = compile_plan(*build(the_mesh), devices)
-        # FLOPs belong to the global program: count them on one CPU device (lowered, not
-        # compiled), which also works where the target's compile-only client cannot.
-        flops = step_flops(*build(make_mesh("fsdp=1", devices=jax.devices("cpu")[:1])))
+    memory = compile_plan(*build(the_mesh), devices)
+    # FLOPs belong to the global program: count them on one CPU device (lowered, not
+    # compiled), which also works where the target's compile-only client cannot; with XLA
+    # attention, whose FLOPs cost analysis sees (it is blind inside a Pallas kernel).
+    flops = step_flops(*build(make_mesh("fsdp=1", devices=jax.devices("cpu")[:1]), "xla"))
     return Plan(model=model, mode=mode, target=devices.name, device_kind=devices.device_kind,
                 devices=len(devices.devices), mesh=describe(the_mesh), batch=batch, seq=seq,
                 settings=settings, memory=memory, flops=flops, model_flops=model_flops)
@@ -195,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
     plan = make_plan(cfg, model=args.model, mode=args.mode, target=args.target, mesh=args.mesh,
                      batch=args.batch, seq=args.seq, remat=args.remat,
                      grad_accum=args.grad_accum, param_dtype=args.param_dtype,
-                     compute_dtype=args.compute_dtype)
+                     compute_dtype=args.compute_dtype, attention=args.attention)
     print(plan.format(), flush=True)
     if args.json:
         write_json(args.json, plan.to_json())

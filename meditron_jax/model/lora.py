@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from meditron_jax import atomic
-from meditron_jax.config import LlamaConfig
+from meditron_jax.model.config import LlamaConfig
+from meditron_jax.model.params import param_specs
 from meditron_jax.errors import UserError
 
 # our target name -> (HF module path inside a decoder layer, number of input dims)
@@ -58,7 +59,6 @@ class LoraConfig:
 
 
 def _io_shapes(cfg: LlamaConfig, target: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    from meditron_jax.model import param_specs
     spec = param_specs(cfg)["layers"][target]
     n_in = TARGETS[target][1]
     return spec.shape[1:1 + n_in], spec.shape[1 + n_in:]
@@ -66,7 +66,6 @@ def _io_shapes(cfg: LlamaConfig, target: str) -> tuple[tuple[int, ...], tuple[in
 
 def lora_logical_axes(cfg: LlamaConfig, lcfg: LoraConfig) -> dict:
     """Logical axes of each adapter (the rank dim is never sharded: it is tiny)."""
-    from meditron_jax.model import param_specs
     out = {}
     for t in lcfg.targets:
         axes = param_specs(cfg)["layers"][t].axes  # ("layers", *in_axes, *out_axes)

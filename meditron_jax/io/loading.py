@@ -13,7 +13,7 @@ import os
 from typing import Callable
 
 
-from meditron_jax.config import LlamaConfig
+from meditron_jax.model.config import LlamaConfig
 from meditron_jax.errors import UserError
 from meditron_jax.jsonl import read_json_file
 from meditron_jax.tokenizer import Tokenizer
@@ -84,11 +84,11 @@ def load_model(path: str | os.PathLike, *, shardings: ShardingsFn | None = None,
     path = os.fspath(path)
     kind = directory_kind(path)
     if kind == "native":
-        from meditron_jax import checkpoint
+        from meditron_jax.io import checkpoint
         cfg, params = checkpoint.restore_params(path, shardings=shardings, dtype=dtype,
                                                 verify=verify)
     else:
-        from meditron_jax import hf_io
+        from meditron_jax.io import hf_io
         cfg, params = hf_io.load_hf_params(path, shardings=shardings, dtype=dtype)
     return LoadedModel(cfg=cfg, params=params, tokenizer=load_tokenizer(path),
                        generation_config=read_generation_config(path), path=path, kind=kind)
@@ -100,7 +100,7 @@ def model_fingerprint(path: str) -> str:
     (``*.safetensors``, the files under a native ``params/``) by name, size and a sample
     of their bytes (64 KiB a file: two fine-tunes of one model have the same sizes).
     Hidden files and documentation do not count, nor where the checkpoint lives."""
-    from meditron_jax.checkpoint import PARAMS_DIR
+    from meditron_jax.io.checkpoint import PARAMS_DIR
     directory_kind(path)
     digest = hashlib.sha256()
     for root, dirs, files in os.walk(path):

@@ -4,8 +4,8 @@
 ``export_to_hf``: any checkpoint directory -> HF safetensors snapshot (+ index).
 
 Both read the source through one interface (``cfg``, ``dtype_of(plan)``,
-``read(plan, index)``), implemented by :class:`~meditron_jax.hf_io.HFSnapshot`,
-:class:`~meditron_jax.checkpoint.NativeReader` and, after a LoRA merge, an in-memory
+``read(plan, index)``), implemented by :class:`~meditron_jax.io.hf_io.HFSnapshot`,
+:class:`~meditron_jax.io.checkpoint.NativeReader` and, after a LoRA merge, an in-memory
 tree; every source is checked whole before a byte is written. Outputs are staged next
 to the destination and swapped in only when complete (:mod:`meditron_jax.atomic`),
 under a lock that refuses a second writer to the same ``--out``; file-system errors
@@ -27,13 +27,14 @@ from typing import Iterator
 import jax.numpy as jnp
 import numpy as np
 
-from meditron_jax import atomic, checkpoint, hf_io
+from meditron_jax import atomic
+from meditron_jax.io import checkpoint, hf_io
 from meditron_jax.atomic import staged_dir
-from meditron_jax.config import LlamaConfig
+from meditron_jax.model.config import LlamaConfig
 from meditron_jax.errors import UserError
-from meditron_jax.hf_keys import hf_shape
-from meditron_jax.loading import directory_kind
-from meditron_jax.tensor_blocks import BLOCK_BYTES, TensorPlan, hf_from_ours, iter_hf_tensors, plan
+from meditron_jax.io.hf_keys import hf_shape
+from meditron_jax.io.loading import directory_kind
+from meditron_jax.io.tensor_blocks import BLOCK_BYTES, TensorPlan, hf_from_ours, iter_hf_tensors, plan
 
 @dataclasses.dataclass
 class Result:
@@ -134,10 +135,10 @@ class InMemorySource:
 
 def _merge_lora(source, lora_dir: str) -> InMemorySource:
     try:
-        from meditron_jax.lora import load_and_merge
+        from meditron_jax.model.lora import load_and_merge
     except ImportError:
         raise UserError("--lora: LoRA merging is not available in this build "
-                        "(meditron_jax.lora is missing)") from None
+                        "(meditron_jax.model.lora is missing)") from None
     params: dict = {}
     for p in plan(source.cfg):
         node = params

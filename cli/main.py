@@ -25,25 +25,20 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "convert": ("meditron_jax.convert_cli", "convert a Hugging Face snapshot to a native checkpoint"),
-    "export": ("meditron_jax.export_cli", "export a native checkpoint to a Hugging Face directory"),
+    "convert": ("cli.convert", "convert a Hugging Face snapshot to a native checkpoint"),
+    "export": ("cli.export", "export a native checkpoint to a Hugging Face directory"),
     "generate": ("infer.generate_cli", "generate text (one prompt, streamed, or a resumable JSONL sweep)"),
     "score": ("infer.score_cli", "log-likelihood of continuations (multiple-choice scoring)"),
     "eval": ("infer.eval_cli", "few-shot medical multiple-choice evaluation (MedQA, MedMCQA, PubMedQA, MMLU)"),
     "train": ("train.cli", "continued pretraining / fine-tuning from a YAML run config"),
-    "plan": ("bench.plan", "ahead-of-time memory and FLOPs plan for a mesh and target (no weights)"),
+    "plan": ("cli.plan", "ahead-of-time memory and FLOPs plan for a mesh and target (no weights)"),
     "bench": ("bench.cli", "benchmark against transformers and the machine's ceilings"),
     "demo": ("demo.run", "the whole mission end to end on a tiny model (make demo)"),
 }
 
 
 ENVIRONMENT = """environment:
-  MEDITRON_MATMUL=auto|xla|blas   float32 matmuls on one CPU device: oneMKL through an XLA
-                                  custom call on Intel CPUs when it loads (auto), never
-                                  (xla), or required on any CPU (blas); meshes and
-                                  accelerators always use XLA
   MEDITRON_DISTRIBUTED=0|1        start jax.distributed: never, or let JAX detect the cluster
-  MEDITRON_CACHE_DIR=DIR          where the CPU kernels are compiled (~/.cache/meditron-jax)
   MEDITRON_HUGEPAGES=1|0          start with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (transparent
                                   huge pages for XLA's per-call buffers: fewer page faults;
                                   the command restarts itself once to set it), or not"""
@@ -142,7 +137,7 @@ def _skip_absent_tpu() -> None:
 
 
 def entry() -> None:
-    """The console script and ``python -m meditron_jax``: huge pages for the allocator
+    """The console script and ``python -m cli``: huge pages for the allocator
     first (a re-exec, :func:`meditron_jax.hostinfo.reexec_with_hugepages`), then
     :func:`main`."""
     hostinfo.reexec_with_hugepages()

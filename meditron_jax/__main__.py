@@ -1,3 +1,0 @@
-from meditron_jax.cli import entry
-
-entry()
