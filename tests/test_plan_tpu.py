@@ -4,13 +4,14 @@ TPU needed). The 8B train step is refused fast on v5e-4; its full compile on v6e
 MEDITRON_TPU_8B_PLAN=1, and its numbers are in bench/PLAN.md."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 
 import pytest
 
-from bench.plan import make_plan
-from meditron_jax.config import preset
+from cli.plan import make_plan
+from meditron_jax.model.config import preset
 from meditron_jax.errors import UserError
 from sharding import make_mesh
 from sharding.aot import TPU_GENERATIONS, refusal_sizes, resolve_target
@@ -62,6 +63,26 @@ def test_multi_slice_mesh_puts_data_across_slices():
     plan = make_plan(TINY, model="tiny", mode="train", target="tpu:v5e:2x4:2",
                      mesh="data=2,fsdp=8", batch=16, seq=64)
     assert plan.memory.fits and plan.devices == 16 and plan.target == "tpu:v5e:2x4:2"
+
+
+def test_splash_drops_the_score_matrix_from_a_train_step_on_v6e_8():
+    # A tiny model at 4096 tokens: attention's [N, T, T] float32 scores (4 heads: 256 MiB
+    # per row, one row per chip under fsdp=8) dwarf everything else the step holds.
+    seq = 4096
+    cfg = dataclasses.replace(TINY, max_position_embeddings=seq)
+    plans = {attention: make_plan(cfg, model="tiny", mode="train", target="tpu:v6e:2x4",
+                                  mesh=None, batch=8, seq=seq, attention=attention)
+             for attention in ("xla", "splash")}
+    scores = cfg.num_attention_heads * seq * seq * 4
+    xla, splash = plans["xla"].memory, plans["splash"].memory
+    assert xla.fits and splash.fits and plans["splash"].mesh == "data=1,fsdp=8,tensor=1"
+    assert xla.temporaries > scores           # XLA materializes at least one score matrix
+    assert splash.temporaries < scores / 8    # the kernel never does (19 MiB here)
+    assert xla.temporaries - splash.temporaries > scores
+    assert splash.arguments == xla.arguments  # same state; only attention differs
+    for attention, plan in plans.items():
+        assert f"attention {attention} (requested)" in plan.settings
+        assert f"attention {attention} (requested)" in plan.format().splitlines()[1]
 
 
 def test_decode_step_on_tpu():
