@@ -1,12 +1,12 @@
 """Paired measurement: both sides alive at once, their timed runs alternating.
 
 The benchmark box is a shared VM whose speed can drift by 2x within a minute
-(bench/NOTES.md has the measurements). Timing one side's repeats and then the other's lets that drift into the ratio. Here the
-parent keeps a transformers worker, our worker and a small probe worker running, and
-for each repeat r of a benchmark times one run of each side back to back (the order
-alternating between repeats), with a probe of the machine's matmul and read speed
-between the pairs. The ratio is the median of the per-pair ratios; a fraction of the
-ceiling divides each run by the probes taken around it.
+(bench/NOTES.md has the measurements). Timing one side's repeats and then the other's
+lets that drift into the ratio. Here the parent keeps a transformers worker, our worker
+and a small probe worker running, and for each repeat r of a benchmark times one run of
+each side back to back (the order alternating between repeats), with a probe of the
+machine's matmul and read speed between the pairs. The ratio is the median of the
+per-pair ratios; a fraction of the ceiling divides each run by the probes taken around it.
 
 Every timed run and probe reports the share of the pinned CPUs other processes used
 meanwhile. A pair during which that exceeded ``timing.MAX_OTHER_LOAD`` (in either run
