@@ -24,6 +24,7 @@ from meditron_jax.model.layers import (apply_rope, attention_mask, rms_norm, rop
                                        swiglu)
 from meditron_jax.model.lora import merge_layer
 from meditron_jax.model.params import Params
+from meditron_jax.model.quant import is_quantized, materialize
 
 Constrain = Callable[[jax.Array, tuple], jax.Array]
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv_proj")
@@ -141,8 +142,8 @@ def _layers(layers, x, cache: KVCache | None, lora, ctx: _Context, remat: str):
         w, adapters, i = layer
         if adapters is not None:
             w = merge_layer(w, adapters, lora[1])
-        x, k_cache, v_cache = _block(jax.tree.map(lambda a: a.astype(ctx.dtype), w), x,
-                                     k_cache, v_cache, i, ctx)
+        w = jax.tree.map(lambda a: materialize(a, ctx.dtype), w, is_leaf=is_quantized)
+        x, k_cache, v_cache = _block(w, x, k_cache, v_cache, i, ctx)
         return (x, k_cache, v_cache), None
 
     step = _remat(step, remat)
@@ -227,7 +228,7 @@ def logits_from_hidden(params: Params, x: jax.Array, cfg: LlamaConfig,
 def _head_logits(params: Params, x: jax.Array, cfg: LlamaConfig,
                  constrain: Constrain | None = None) -> jax.Array:
     head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    logits = jnp.einsum("BTD,DV->BTV", x, head.astype(x.dtype),
+    logits = jnp.einsum("BTD,DV->BTV", x, materialize(head, x.dtype),
                         preferred_element_type=jnp.float32)
     return (constrain or _no_constraint)(logits, ("batch", "seq", "vocab"))
 
