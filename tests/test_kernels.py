@@ -52,7 +52,8 @@ def test_xla_causal_attention_equals_the_definition(t, chunks):
 
     def value_and_grads(fn):
         loss = lambda q, k, v: jnp.sum(fn(q, k, v) * w)
-        return fn(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+        return jax.jit(lambda q, k, v: (fn(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)))(
+            q, k, v)
     got = value_and_grads(lambda q, k, v: xla.causal_attention(q, k, v, seg, chunks))
     want = value_and_grads(lambda q, k, v: reference_attention(q, k, v, seg))
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
@@ -65,8 +66,9 @@ def test_xla_cached_attention_reads_the_head_major_cache():
     slots = jnp.arange(40)
     mask = ((slots[None, :] <= slots[:, None])[None]
             & (seg[:, :, None] == seg[:, None, :]))[:, None]
-    got = xla.cached_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(reference_attention(q, k, v, seg)),
+    got = jax.jit(xla.cached_attention)(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask)
+    np.testing.assert_allclose(np.asarray(got),
+                               np.asarray(jax.jit(reference_attention)(q, k, v, seg)),
                                atol=1e-5, rtol=1e-5)
 
 
@@ -162,7 +164,7 @@ def test_an_unsupported_length_falls_back_to_xla_with_a_warning(params, caplog):
 def test_xla_causal_attention_in_bfloat16_stays_within_its_rounding():
     q, k, v, _ = _qkv(2, 64, 8, 2, 16, seed=5)
     seg = _segments(2, 64, 9)
-    out = xla.causal_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), seg)
+    out = jax.jit(xla.causal_attention)(*(x.astype(jnp.bfloat16) for x in (q, k, v)), seg)
     assert out.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(out, np.float32),
-                               np.asarray(reference_attention(q, k, v, seg)), atol=0.05)
+                               np.asarray(jax.jit(reference_attention)(q, k, v, seg)), atol=0.05)

@@ -71,6 +71,9 @@ def test_run_artifacts(learned):
     assert events and events[0].startswith("events.out.tfevents")
     assert summary["tokens_per_s"] > 0 and summary["latest_checkpoint"] == 200
     assert sorted(os.listdir(summary["checkpoints"])) == ["100", "200"]
+    # the attention kernel chosen once for the step, and why (meditron_jax.kernels)
+    with open(os.path.join(summary["output_dir"], "train_run.json")) as f:
+        assert json.load(f)["kernels"] == {"attention": "xla", "reason": "auto on cpu"}
 
 
 def test_final_model_is_a_native_checkpoint_that_loads(learned):

@@ -155,7 +155,8 @@ def _train(run: RunConfig, out: str, preemption: Preemption) -> dict:
     writer = MetricsWriter(out, run.train.steps, start, progress=run.log.progress,
                            tensorboard=run.log.tensorboard)
     writer.message(f"train: {cfg.num_params() / 1e6:.1f}M params{' (LoRA r=%d)' % lcfg.rank if lcfg else ''}, "
-                   f"mesh {describe(mesh)}, batch {run.train.batch_size}x{run.data.seq_len}"
+                   f"mesh {describe(mesh)}, batch {run.train.batch_size}x{run.data.seq_len}, "
+                   f"{kernels.describe()}"
                    f"{f', resuming from step {start}' if latest is not None else ''}")
     throughput = Throughput(train_flops_per_token(cfg, run.data.seq_len, lcfg),
                             peak_flops(mesh.devices.flat, run.model.compute_dtype,

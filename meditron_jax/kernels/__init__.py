@@ -116,7 +116,9 @@ def select(attention: str = "auto", *, mesh: Mesh | None = None,
     kernels = Kernels(choice, reason, mesh if choice == "splash" else None,
                       tuple(batch_axes) if choice == "splash" else (),
                       head_axis if choice == "splash" else None, interpret)
-    _log.info("kernels: %s", kernels.describe())
+    # an accelerator without its kernel is worth a warning line, never a silent fallback
+    fallback = platform in ("gpu", "tpu") and choice == "xla" and attention == "auto"
+    _log.log(logging.WARNING if fallback else logging.INFO, "kernels: %s", kernels.describe())
     return kernels
 
 
