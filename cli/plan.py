@@ -56,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train: matmul dtype")
     parser.add_argument("--attention", choices=ATTENTION, default="auto",
                         help="train: attention kernel (auto: splash on TPU targets, XLA on cpu)")
+    parser.add_argument("--quantize", default=None, metavar="SCHEME",
+                        help="infer: int8 weight-only quantization (projections and head int8 "
+                             "with float32 per-channel scales; KV cache --param-dtype)")
     parser.add_argument("--json", default=None, metavar="PATH",
                         help="also write the plan as JSON to PATH")
     parser.epilog = "Exit status: 0 when the step fits, 1 when it does not, 2 on bad input."
@@ -124,8 +127,13 @@ def load_config(model: str) -> LlamaConfig:
 def make_plan(cfg: LlamaConfig, *, model: str, mode: str, target: str, mesh: str | None,
               batch: int, seq: int, remat: str = "full", grad_accum: int = 1,
               param_dtype: str | None = None, compute_dtype: str = "bfloat16",
-              attention: str = "auto") -> Plan:
+              attention: str = "auto", quantize: str | None = None) -> Plan:
     """Compile the step for ``target`` and measure it (abstract inputs only)."""
+    from meditron_jax.model.quant import check_scheme
+    check_scheme(quantize)
+    if quantize is not None and mode == "train":
+        raise UserError(f"--quantize {quantize}: int8 weights are inference-only; plan it with "
+                        "--mode infer (training keeps float weights)")
     if batch < 1 or seq < 1 or grad_accum < 1:
         raise UserError("--batch, --seq and --grad-accum must be positive")
     if seq > cfg.max_position_embeddings:
@@ -157,8 +165,10 @@ def make_plan(cfg: LlamaConfig, *, model: str, mode: str, target: str, mesh: str
 
         def build(m, attention=None):
             return abstract_decode_step(cfg, m, INFER_RULES, batch=batch, max_len=seq,
-                                        dtype=DTYPES[pdt])
-        settings = f"weights and KV cache {pdt}"
+                                        dtype=DTYPES[pdt], quantize=quantize)
+        settings = (f"weights and KV cache {pdt}" if quantize is None else
+                    f"weights {quantize} (per-channel float32 scales, embedding {pdt}), "
+                    f"KV cache and activations {pdt}")
         model_flops = 0.0
     settings += _kv_heads_note(cfg, the_mesh, TRAIN_RULES if mode == "train" else INFER_RULES,
                                mode)
@@ -200,7 +210,8 @@ def run(args: argparse.Namespace) -> int:
     plan = make_plan(cfg, model=args.model, mode=args.mode, target=args.target, mesh=args.mesh,
                      batch=args.batch, seq=args.seq, remat=args.remat,
                      grad_accum=args.grad_accum, param_dtype=args.param_dtype,
-                     compute_dtype=args.compute_dtype, attention=args.attention)
+                     compute_dtype=args.compute_dtype, attention=args.attention,
+                     quantize=args.quantize)
     print(plan.format(), flush=True)
     if args.json:
         write_json(args.json, plan.to_json())

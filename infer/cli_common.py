@@ -13,6 +13,7 @@ from infer.sweep import SETTINGS_SUFFIX, ResumableOutput
 from meditron_jax.errors import UserError
 from meditron_jax.io.loading import LoadedModel, load_model, model_fingerprint
 from meditron_jax.kernels import ATTENTION
+from meditron_jax.model.quant import check_scheme
 from sharding import INFER_RULES, check_batch, initialize_distributed, make_mesh, param_shardings
 
 DTYPES = {"auto": None, "float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -35,6 +36,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, several: bool = False) 
     parser.add_argument("--attention", choices=ATTENTION, default="auto",
                         help="attention kernel: auto picks splash on TPU, cuDNN on GPU, XLA "
                              "elsewhere (meditron_jax.kernels)")
+    parser.add_argument("--quantize", default=None, metavar="SCHEME",
+                        help="int8: weight-only int8 (each projection and the head, a float32 "
+                             "scale per output channel), quantized once at load; activations "
+                             "and the KV cache keep --dtype")
     parser.add_argument("--no-verify", action="store_true",
                         help="do not check a native checkpoint's files against its "
                              "checksums.json before loading (~1 GB/s per core)")
@@ -45,6 +50,7 @@ def inference_mesh(args: argparse.Namespace) -> Mesh | None:
     against the batch: before any file is written or weight read."""
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_scheme(getattr(args, "quantize", None))
     initialize_distributed()
     mesh = make_mesh(args.mesh) if args.mesh else None
     if mesh is not None:
@@ -60,7 +66,8 @@ def load_for_inference(args: argparse.Namespace,
         mesh = inference_mesh(args)
     shardings = None if mesh is None else (lambda cfg: param_shardings(cfg, mesh, INFER_RULES))
     return load_model(args.model, shardings=shardings, dtype=DTYPES[args.dtype],
-                      verify=not getattr(args, "no_verify", False)), mesh
+                      verify=not getattr(args, "no_verify", False),
+                      quantize=getattr(args, "quantize", None)), mesh
 
 
 # ---- sweep outputs ---------------------------------------------------------------------------
@@ -86,6 +93,8 @@ def sweep_settings(args: argparse.Namespace, command: str) -> dict:
     fingerprint rather than its path."""
     options = {k: v for k, v in vars(args).items()
                if k not in NOT_SETTINGS and not k.startswith("_")}
+    if options.get("quantize", "") is None:  # bf16 sweeps recorded before --quantize resume
+        del options["quantize"]
     return {**options, "command": command, "model": model_fingerprint(args.model)}
 
 

@@ -192,10 +192,12 @@ def build_decode(placement: Placement, *, sampling: Sampling, dtype, kernels=XLA
 
 def abstract_decode_step(cfg: LlamaConfig, mesh: Mesh | None, rules: Rules = INFER_RULES, *,
                          batch: int, max_len: int, dtype=jnp.bfloat16,
-                         sampling: Sampling = Sampling()):
+                         sampling: Sampling = Sampling(), quantize: str | None = None):
     """The jitted decode loop and ShapeDtypeStruct arguments (with shardings) for it:
-    ``fn.lower(*args).compile()`` plans memory for a mesh without allocating anything."""
-    placement = Placement(cfg, mesh, rules)
+    ``fn.lower(*args).compile()`` plans memory for a mesh without allocating anything.
+    ``quantize="int8"``: the weights are int8 (``meditron_jax.model.quant``), the KV cache
+    and activations ``dtype``."""
+    placement = Placement(cfg, mesh, rules, quantize)
     placement.check_fits(batch)
     fn = build_decode(placement, sampling=sampling, dtype=dtype)
 
@@ -213,7 +215,11 @@ def abstract_decode_step(cfg: LlamaConfig, mesh: Mesh | None, rules: Rules = INF
         return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             shapes, shardings)
 
-    params = with_shardings(abstract_params(cfg, dtype), placement.params())
+    params = abstract_params(cfg, dtype)
+    if quantize is not None:
+        from meditron_jax.model.quant import quantize_params
+        params = jax.eval_shape(lambda p: quantize_params(p, quantize), params)
+    params = with_shardings(params, placement.params())
     state = with_shardings(jax.eval_shape(state_shapes),
                            placement.tree(DecodeState.logical_axes()))
     steps = jax.ShapeDtypeStruct((), jnp.int32, sharding=placement.sharding(()))

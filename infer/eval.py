@@ -86,9 +86,15 @@ class EvalSpec:
     shots: int
     format: str
     truncate: bool = False    # drop a too-long context's oldest tokens instead of failing
+    quantize: str | None = None  # int8 weights change the scores
 
     def describe(self) -> dict:
-        return dataclasses.asdict(self)
+        """Settings a resume must match; ``quantize`` only when set, so runs recorded before
+        the option existed resume."""
+        out = dataclasses.asdict(self)
+        if out["quantize"] is None:
+            del out["quantize"]
+        return out
 
 
 def build_groups(items: Sequence[Item], pool: Sequence[Item], spec: EvalSpec,

@@ -20,6 +20,7 @@ from infer.grouped_score import GroupedScorer
 from meditron_jax.atomic import atomic_file, write_json
 from meditron_jax.errors import UserError
 from meditron_jax.io.loading import directory_kind
+from meditron_jax.model.quant import check_scheme
 from meditron_jax.tokenizer import Tokenizer
 
 
@@ -81,6 +82,7 @@ def model_labels(paths: list[str]) -> list[str]:
 
 
 def _check_numbers(args) -> None:
+    check_scheme(args.quantize)
     for flag, value in (("--limit", args.limit), ("--chunk", args.chunk)):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
@@ -103,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
     spec = EvalSpec(task=task.name, data=os.path.abspath(args.data),
                     fewshot_data=None if same_file or not args.shots
                     else os.path.abspath(args.fewshot_data),
-                    shots=args.shots, format=args.format, truncate=args.truncate_context)
+                    shots=args.shots, format=args.format, truncate=args.truncate_context,
+                    quantize=args.quantize)
 
     summaries = []
     for path, label in zip(paths, model_labels(paths)):

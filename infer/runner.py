@@ -18,6 +18,7 @@ from meditron_jax.model.config import LlamaConfig
 from meditron_jax.errors import UserError
 from meditron_jax.io.loading import LoadedModel
 from meditron_jax.kernels import select
+from meditron_jax.model.quant import is_quantized
 from sharding import (INFER_RULES, Rules, activation_constrainer, cache_heads, check_batch,
                       check_model_fits, param_shardings, step_kernels, tree_shardings)
 
@@ -50,9 +51,11 @@ class Placement:
     process all-gather when not fully addressable.
     """
 
-    def __init__(self, cfg: LlamaConfig, mesh: Mesh | None, rules: Rules = INFER_RULES):
-        # KV heads the mesh cannot split: replicated weights, a cache of repeated heads
-        self.cfg, self.mesh = cfg, mesh
+    def __init__(self, cfg: LlamaConfig, mesh: Mesh | None, rules: Rules = INFER_RULES,
+                 quantize: str | None = None):
+        # KV heads the mesh cannot split: replicated weights, a cache of repeated heads;
+        # quantize ("int8"): the params are model.quant's tree (int8 values + scales)
+        self.cfg, self.mesh, self.quantize = cfg, mesh, quantize
         self.rules = rules if mesh is None else rules.for_model(cfg, mesh)
         self.cache_heads = (cfg.num_key_value_heads if mesh is None
                             else cache_heads(cfg, mesh, self.rules))
@@ -65,7 +68,8 @@ class Placement:
         return None if self.mesh is None else tree_shardings(axes_tree, self.mesh, self.rules)
 
     def params(self):
-        return None if self.mesh is None else param_shardings(self.cfg, self.mesh, self.rules)
+        return None if self.mesh is None else param_shardings(self.cfg, self.mesh, self.rules,
+                                                              self.quantize)
 
     def put(self, array: np.ndarray, axes: tuple) -> jax.Array:
         array = np.asarray(array)
@@ -105,7 +109,11 @@ class BatchRunner:
         if batch_size < 1:
             raise UserError(f"--batch-size must be >= 1, got {batch_size}")
         self.model, self.cfg, self.batch_size = model, model.cfg, batch_size
-        self.placement = Placement(model.cfg, mesh, rules)
+        # int8 weights (model.quant): their tree has its own shardings and executables
+        self.quantize = getattr(model, "quantize", None) or (
+            "int8" if any(is_quantized(x) for x in jax.tree.leaves(
+                model.params["layers"], is_leaf=is_quantized)) else None)
+        self.placement = Placement(model.cfg, mesh, rules, self.quantize)
         self.placement.check_fits(batch_size)
         self.dtype = dtype or model.params["embed"].dtype
         # chosen once per runner and logged (meditron_jax.kernels)
@@ -121,7 +129,7 @@ class BatchRunner:
         """The jitted function for ``key`` under this runner's settings, built once."""
         rules = self.placement.rules
         full = (self.cfg, self.placement.mesh, rules.name, tuple(sorted(rules.table.items())),
-                jnp.dtype(self.dtype).name, self.kernels) + key
+                jnp.dtype(self.dtype).name, self.kernels, self.quantize) + key
         if full not in _JITTED:
             if len(_JITTED) >= _JITTED_MAX:
                 _JITTED.pop(next(iter(_JITTED)))

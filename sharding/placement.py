@@ -26,10 +26,20 @@ def tree_shardings(axes_tree, mesh: Mesh, rules: Rules):
     return jax.tree.map(lambda axes: rules.sharding(mesh, axes), axes_tree, is_leaf=_is_axes)
 
 
-def param_shardings(cfg: LlamaConfig, mesh: Mesh, rules: Rules):
-    """The params' shardings under ``rules.for_model(cfg, mesh)``, checked to fit."""
+def param_shardings(cfg: LlamaConfig, mesh: Mesh, rules: Rules, quantize: str | None = None):
+    """The params' shardings under ``rules.for_model(cfg, mesh)``, checked to fit.
+    ``quantize`` (``"int8"``): of :func:`meditron_jax.model.quant.quantize_params`'s tree,
+    each int8 value sharded like the weight it replaces and its scale by the weight's
+    output axes (replicated over the contracted ones), under the same rules (k/v
+    replicated where the mesh does not divide the KV heads)."""
     check_model_fits(cfg, mesh, rules)
-    return tree_shardings(logical_axes(cfg), mesh, rules.for_model(cfg, mesh))
+    if quantize is None:
+        axes = logical_axes(cfg)
+    else:
+        from meditron_jax.model import quant
+        quant.check_scheme(quantize)
+        axes = quant.logical_axes(cfg)
+    return tree_shardings(axes, mesh, rules.for_model(cfg, mesh))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

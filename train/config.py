@@ -36,6 +36,7 @@ class ModelSection:
     remat: str = "full"
     attention: str = "auto"              # auto | xla | splash | cudnn (meditron_jax.kernels)
     loss_chunk: int = 1024               # positions per logits chunk in the loss (memory knob)
+    quantize: str | None = None          # refused: int8 weights are inference-only
 
     def architecture_overrides(self) -> dict:
         """``overrides`` as typed ``LlamaConfig`` fields (a RopeScaling from its mapping);
@@ -100,6 +101,7 @@ class LogSection:
     every: int = 10                      # a console line every N steps (jsonl/TensorBoard: every step)
     eval_every: int = 0                  # 0: never (needs data.eval_file)
     eval_batches: int = 8
+    eval_quantize: str | None = None     # int8: also eval_loss_int8, on int8 copies (full FT)
     progress: bool = True
     tensorboard: bool = True
     plot: bool = True
@@ -197,6 +199,18 @@ def validate(cfg: RunConfig) -> None:
                         f"subset of {', '.join(LORA_TARGETS)}")
     if log.eval_every and not d.eval_file:
         raise UserError("run config: log.eval_every needs data.eval_file (a held-out file)")
+    if m.quantize is not None:
+        raise UserError(f"run config: model.quantize {m.quantize!r}: int8 weights are "
+                        "inference-only: training updates float weights; to see the held-out "
+                        "loss of int8 copies set log.eval_quantize: int8")
+    if log.eval_quantize is not None:
+        _choice("log.eval_quantize", log.eval_quantize, ("int8",))
+        if not log.eval_every:
+            raise UserError("run config: log.eval_quantize needs log.eval_every (and "
+                            "data.eval_file)")
+        if lo.rank:
+            raise UserError("run config: log.eval_quantize is for full fine-tuning; under LoRA "
+                            "merge the adapters (export) and run eval --quantize int8")
 
 
 def _choice(name: str, value, choices) -> None:

@@ -129,6 +129,9 @@ def _train(run: RunConfig, out: str, preemption: Preemption) -> dict:
     train_step = jit_train_step(make_train_step(cfg, optimizer, lr, opts, constrain),
                                 shardings, mesh, rules)
     eval_step = jit_eval_step(make_eval_step(cfg, opts, constrain), shardings, mesh, rules)
+    eval_q = run.log.eval_quantize
+    eval_q_step = None if eval_q is None else jit_eval_step(
+        make_eval_step(cfg, opts, constrain, quantize=eval_q), shardings, mesh, rules)
     bsh = batch_shardings(mesh, rules)
 
     ckpt = Checkpointer(os.path.join(out, "checkpoints"), run.checkpoint.keep,
@@ -186,6 +189,9 @@ def _train(run: RunConfig, out: str, preemption: Preemption) -> dict:
             if run.log.eval_every and data.eval_batches and (
                     step % run.log.eval_every == 0 or step == run.train.steps):
                 last["eval_loss"] = _evaluate(eval_step, state, data.eval_batches, bsh)
+                if eval_q_step is not None:
+                    last[f"eval_loss_{eval_q}"] = _evaluate(eval_q_step, state,
+                                                            data.eval_batches, bsh)
             writer.write(last)
             if run.log.every and step % run.log.every == 0:
                 writer.message(_line(last))
@@ -226,6 +232,8 @@ def _line(r: dict) -> str:
         parts.append(f"MFU {100 * r['mfu']:.1f}%")
     if "eval_loss" in r:
         parts.append(f"eval_loss {r['eval_loss']:.4f}")
+    if "eval_loss_int8" in r:
+        parts.append(f"eval_loss_int8 {r['eval_loss_int8']:.4f}")
     return "  ".join(parts)
 
 
@@ -258,6 +266,8 @@ def _finish(run, cfg, out, state, lcfg, ckpt, writer, last, start, step, stopped
         "steps": step, "start_step": start, "total_steps": run.train.steps,
         "preempted": stopped_by is not None, "signal": stopped_by,
         "final_loss": last.get("loss"), "final_eval_loss": last.get("eval_loss"),
+        **({"final_eval_loss_int8": last.get("eval_loss_int8")}
+           if run.log.eval_quantize else {}),
         "tokens_per_s": rate, "mfu": mfu,
         "metrics": writer.path, "loss_plot": plot, "tensorboard": writer.tb_dir,
         "checkpoints": ckpt.directory, "latest_checkpoint": ckpt.latest_step(),

@@ -228,9 +228,25 @@ def make_train_step(cfg: LlamaConfig, optimizer: optax.GradientTransformation,
     return train_step
 
 
-def make_eval_step(cfg: LlamaConfig, opts: StepOptions, constrain=None) -> Callable:
+def make_eval_step(cfg: LlamaConfig, opts: StepOptions, constrain=None,
+                   quantize: str | None = None) -> Callable:
+    """``(state, batch) -> (nll_sum, weight_sum)`` on the held-out batch. ``quantize``
+    ("int8", full fine-tuning only): on an int8 copy of the current weights
+    (:func:`meditron_jax.model.quant.quantize_params`, made inside the step and dropped
+    after it), the loss inference with ``--quantize int8`` would see."""
     loss_sums = make_loss_sums(cfg, opts, constrain)
-    return lambda state, batch: loss_sums(state.params, state.frozen, batch)
+    if quantize is None:
+        return lambda state, batch: loss_sums(state.params, state.frozen, batch)
+    if opts.lora is not None:
+        raise ValueError("int8 evaluation quantizes full fine-tuning weights, not LoRA")
+    from meditron_jax.model.quant import materialize, quantize_params
+
+    def quantized_eval(state, batch):
+        params = quantize_params(state.params, quantize)
+        if "lm_head" in params:  # the chunked loss takes a plain [D, V] head
+            params = {**params, "lm_head": materialize(params["lm_head"], jnp.float32)}
+        return loss_sums(params, state.frozen, batch)
+    return quantized_eval
 
 
 # ---- state, shardings, jit ----------------------------------------------------------------

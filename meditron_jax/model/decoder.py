@@ -211,9 +211,11 @@ def unstack_layers(params: Params, *, consume: bool = False) -> Params:
     for name, stacked in layers.items():
         for i in range(n):
             per_layer[i][name] = stacked[i]
-        if consume and isinstance(stacked, jax.Array):
+        if consume:  # every array of it (an int8 QArray holds two)
             jax.block_until_ready([lp[name] for lp in per_layer])
-            stacked.delete()
+            for a in jax.tree.leaves(stacked):
+                if isinstance(a, jax.Array):
+                    a.delete()
     return {**params, "layers": tuple(per_layer)}
 
 
