@@ -21,7 +21,8 @@ import time
 from bench import beyond_cpu, ceilings, machine, report
 from bench.paired import (NEVER_PAIRED, Served, WorkerFailed, pair_fits, run_alone,
                           run_paired)
-from bench.presets import BENCHMARKS, PRESETS, parse_list, peak_gib_estimate
+from bench.presets import (ALL_BENCHMARKS, BENCHMARKS, PRESETS, base_bench, is_int8, parse_list,
+                           peak_gib_estimate)
 from bench.timing import MAX_OTHER_LOAD
 from meditron_jax.errors import UserError
 
@@ -30,7 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--presets", default="small,medium",
                         help=f"comma-separated model sizes: {', '.join(PRESETS)}")
     parser.add_argument("--benches", default=",".join(BENCHMARKS),
-                        help="comma-separated benchmarks to run")
+                        help="comma-separated benchmarks to run; also "
+                             f"{', '.join(b for b in ALL_BENCHMARKS if b not in BENCHMARKS)} "
+                             "(our side only: int8 weights)")
     parser.add_argument("--repeats", type=int, default=7,
                         help="timed pairs per benchmark (one run of each side back to "
                              "back; medians are reported, warm-up runs are extra)")
@@ -63,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check(args) -> tuple[list[str], list[str]]:
     presets = parse_list(args.presets, PRESETS, "presets")
-    benches = parse_list(args.benches, BENCHMARKS, "benches")
+    benches = parse_list(args.benches, ALL_BENCHMARKS, "benches")
     if args.repeats < 1:
         raise UserError(f"--repeats must be >= 1, got {args.repeats}")
     if args.remeasure < 0:
@@ -118,8 +121,10 @@ def measure_preset(name: str, benches: list[str], args, workdir: str, probe: Ser
     def start(kind: str) -> Served:
         return Served(kind, args, workdir, timeout, preset=name, weights=weights)
     free = machine.available_gib()
-    paired = [b for b in runnable if b not in NEVER_PAIRED and pair_fits(p, b, free)]
-    alone = [b for b in runnable if b not in paired]
+    int8 = [b for b in runnable if is_int8(b)]  # our side only, after the others
+    paired = [b for b in runnable
+              if b not in int8 and b not in NEVER_PAIRED and pair_fits(p, b, free)]
+    alone = [b for b in runnable if b not in paired and b not in int8]
     rss = {"ours": None, "transformers": None}
     try:
         if paired:
@@ -144,6 +149,12 @@ def measure_preset(name: str, benches: list[str], args, workdir: str, probe: Ser
             out[bench] = (o, t, po, pt, False)
             rss = {"ours": max(rss["ours"] or 0, o.get("peak_rss_gb") or 0),
                    "transformers": max(rss["transformers"] or 0, t.get("peak_rss_gb") or 0)}
+        if int8 and not os.path.exists(os.path.join(weights, "config.json")):
+            start("transformers").close()  # writes the shared weights ours loads
+        for bench in int8:
+            o, po = run_alone(bench, args.repeats, args.remeasure, lambda: start("ours"), probe)
+            out[bench] = (o, None, po, None, False)
+            rss["ours"] = max(rss["ours"] or 0, o.get("peak_rss_gb") or 0)
     except WorkerFailed as exc:  # what was measured before the failure is kept
         print(f"bench: {name}: {exc}", file=sys.stderr)
         out.update({b: ({"missing": str(exc)},) * 2 + (None, None, False)
@@ -170,8 +181,16 @@ def measure(args, presets: list[str], benches: list[str], workdir: str) -> dict:
     last = _worker("ceilings", workdir, args, args.worker_timeout, **sizes)
     result["ceilings"] = ceilings.combine(limits["results"], last["results"])
     for name, per_bench in measured.items():
-        result[name] = {b: report.bench_entry(PRESETS[name], b, *per_bench[b],
-                                              ceilings=result["ceilings"]) for b in benches}
+        result[name] = {}
+        for b in benches:
+            if is_int8(b):
+                ours, _, probes, _, _ = per_bench[b]
+                fp32 = per_bench.get(base_bench(b), (None,))[0]
+                result[name][b] = report.int8_entry(PRESETS[name], b, ours, probes,
+                                                    ceilings=result["ceilings"], fp32=fp32)
+            else:
+                result[name][b] = report.bench_entry(PRESETS[name], b, *per_bench[b],
+                                                     ceilings=result["ceilings"])
     if not args.no_plan:
         try:
             result["beyond_cpu"] = _worker("plan", workdir, args, args.worker_timeout)["results"]

@@ -1,5 +1,6 @@
 """Our side: the same weights loaded through ``load_model``, timed through the code
-paths users run (``model.forward`` under jit, ``infer``'s Generator, ``train``'s step).
+paths users run (``model.forward`` under jit, ``infer``'s Generator, ``train``'s step);
+the int8 decode benchmarks run the Generator on ``quantize_params`` of those weights.
 
 Each benchmark warms up (compiling), then marks the compile counter, so any
 recompilation during the timed runs shows up in ``compiles_after_warmup``.
@@ -63,8 +64,10 @@ class _Generate(_Measured):
 
     def __init__(self, model, p: BenchPreset, bench: str, counter: CompileCounter):
         from infer.engine import Generator
+        from meditron_jax.model.quant import weight_bytes
 
         self.p = p
+        self.weight_bytes = weight_bytes(model.params)  # the whole tree, as held
         prompts = workloads.prompt_tokens(p, bench).tolist()
         gen = Generator(model, batch_size=len(prompts))
 
@@ -88,7 +91,8 @@ class _Generate(_Measured):
         return workloads.decode_once(self.p, ttft, timed(self.step))
 
     def finish(self) -> dict:
-        return {**super().finish(), "tokens": [list(map(int, c.ids)) for c in self.step.last]}
+        return {**super().finish(), "tokens": [list(map(int, c.ids)) for c in self.step.last],
+                "params_bytes": self.weight_bytes}
 
 
 class _Train(_Measured):
@@ -142,6 +146,7 @@ class Side:
         self.counter = CompileCounter()
         self.model = load_model(weights_dir)
         self.decoding = None
+        self.quantized = None  # the int8 decoding params, made on the first int8 benchmark
         self.matmul = "xla"
 
     def bench(self, name: str) -> Bench:
@@ -150,8 +155,16 @@ class Side:
         if name == "forward":
             return _Forward(self.model.params, self.p, self.counter, self.weights_dir)
         if name == "train":
-            self.decoding = None  # free the per-layer copies first
+            self.decoding = self.quantized = None  # free the per-layer copies first
             return _Train(self.model.params, self.p, self.counter)
+        if workloads.is_int8(name):
+            if self.quantized is None:
+                from meditron_jax.model.quant import quantize_params
+                # int8 per output channel from the loaded weights, then per layer as below;
+                # the compute dtype stays the embedding's (float32 here)
+                self.quantized = dataclasses.replace(
+                    self.model, params=unstack_layers(quantize_params(self.model.params)))
+            return _Generate(self.quantized, self.p, workloads.base_bench(name), self.counter)
         if self.decoding is None:
             # per-layer weights, as `generate` decodes on one CPU device (unstack_layers)
             self.decoding = dataclasses.replace(self.model,

@@ -12,6 +12,21 @@ from meditron_jax.model.config import LlamaConfig, RopeScaling, preset
 from meditron_jax.errors import UserError
 
 BENCHMARKS = ("forward", "decode_b1", "decode_b8", "train")
+# Our side only (transformers has no int8 weights here): the decode benchmarks with every
+# projection (and an untied head) stored int8 per output channel (meditron_jax.model.quant),
+# dequantized to the compute dtype per layer. Opt-in: ``--benches decode_b1,decode_b1_int8``.
+INT8_SUFFIX = "_int8"
+INT8_BENCHMARKS = ("decode_b1_int8", "decode_b8_int8")
+ALL_BENCHMARKS = BENCHMARKS + INT8_BENCHMARKS
+
+
+def is_int8(bench: str) -> bool:
+    return bench.endswith(INT8_SUFFIX)
+
+
+def base_bench(bench: str) -> str:
+    """The bf16/fp32 benchmark an int8 one shadows (itself for the others)."""
+    return bench[:-len(INT8_SUFFIX)] if is_int8(bench) else bench
 _LLAMA3_ROPE = RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)
 
 
@@ -28,7 +43,7 @@ class Workload:
     train_remat: str = "none"
 
     def decode_batch(self, bench: str) -> int:
-        return self.decode_batches[0] if bench == "decode_b1" else self.decode_batches[1]
+        return self.decode_batches[base_bench(bench) != "decode_b1"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,14 +117,32 @@ def peak_gib_estimate(p: BenchPreset, bench: str) -> float:
     return (16 * n + saved + logits) / 2 ** 30 + 1.5
 
 
-def decode_bytes_per_step(p: BenchPreset, bench: str, bytes_per_value: int = 4) -> float:
-    """Bytes a decode step must read: every weight once (the embedding only its B rows)
-    plus the KV cache up to the average context length of the generation."""
+def decode_weight_bytes(p: BenchPreset, bench: str, bytes_per_value: int = 4) -> float:
+    """Weight bytes a decode step streams: every weight once, the embedding only its B
+    rows. For an int8 benchmark the projections (and an untied head) count 1 byte a value
+    plus a float32 scale per output channel; norms and embedding rows stay at
+    ``bytes_per_value``."""
     cfg, b = p.cfg, p.work.decode_batch(bench)
     weights = cfg.num_params() - cfg.vocab_size * cfg.hidden_size + b * cfg.hidden_size
+    if not is_int8(bench):
+        return float(weights * bytes_per_value)
+    d, f, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    q_out, kv_out = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    proj = layers * (2 * d * q_out + 2 * d * kv_out + 3 * d * f)
+    scales = layers * (q_out + 2 * kv_out + d + 2 * f + d)
+    if not cfg.tie_word_embeddings:
+        proj, scales = proj + d * cfg.vocab_size, scales + cfg.vocab_size
+    return float(proj + 4 * scales + (weights - proj) * bytes_per_value)
+
+
+def decode_bytes_per_step(p: BenchPreset, bench: str, bytes_per_value: int = 4) -> float:
+    """Bytes a decode step must read: the weights (:func:`decode_weight_bytes`) plus the
+    KV cache up to the average context length of the generation (in the compute dtype,
+    int8 weights or not)."""
+    cfg, b = p.cfg, p.work.decode_batch(bench)
     avg_context = p.work.prompt_len + (p.work.new_tokens + 1) / 2
     kv = 2 * cfg.num_hidden_layers * b * avg_context * cfg.num_key_value_heads * cfg.head_dim
-    return float((weights + kv) * bytes_per_value)
+    return decode_weight_bytes(p, bench, bytes_per_value) + float(kv * bytes_per_value)
 
 
 # ---- inputs both sides feed, identical by construction ----------------------------------

@@ -18,7 +18,8 @@ from __future__ import annotations
 import statistics
 
 from bench.ceilings import scaled
-from bench.presets import BenchPreset, decode_bytes_per_step, tokens_per_step
+from bench.presets import (BenchPreset, base_bench, decode_bytes_per_step, decode_weight_bytes,
+                           is_int8, tokens_per_step)
 from bench.timing import MAX_OTHER_LOAD
 
 # bench -> (min ratio to transformers, min fraction of ceiling or None)
@@ -116,10 +117,65 @@ def bench_entry(p: BenchPreset, bench: str, ours: dict, theirs: dict, our_probes
         entry["greedy_tokens_agree"] = sum(a == b for a, b in pairs) / max(len(pairs), 1)
     if "max_abs_logit_diff_vs_transformers" in ours:
         entry["max_abs_logit_diff"] = ours["max_abs_logit_diff_vs_transformers"]
+    if bench.startswith("decode"):
+        entry["weight_bytes_per_step"] = decode_weight_bytes(p, bench)
     entry["verdict"], why = verdict(bench, entry)
     if why:
         entry["unreliable_because"] = why
     entry["meets_target"] = entry["verdict"] == "met"
+    return entry
+
+
+def int8_entry(p: BenchPreset, bench: str, ours: dict, probes=None, *, ceilings: dict,
+               fp32: dict | None = None) -> dict:
+    """The JSON entry of an int8 decode benchmark: our side only (transformers has no int8
+    weights here), against our own float32 run of the same decode benchmark when it was
+    measured (``fp32``: its raw result, another worker, not paired), with the weight bytes
+    each step streams. There is no target: the row reports what XLA:CPU does with int8."""
+    if "seconds" not in ours:
+        return {"missing": ours.get("missing") or "not measured"}
+    n = tokens_per_step(p, bench)
+    rates = [rate(p, bench, s) for s in ours["seconds_all"]]
+    fraction, raised = _fraction(bench, rates, rates, probes, ceilings)
+    loads = _loads(ours, probes)
+    entry = {
+        "ours_tokens_per_s": n / ours["seconds"],
+        "transformers_tokens_per_s": None,  # no int8 on their side
+        "fraction_of_ceiling": fraction,    # bytes read (int8 weights) per second / read BW
+        "ceiling_kind": "read_bandwidth",
+        "ceiling_raised_runs": raised,
+        "compiles_after_warmup": ours["compiles_after_warmup"],
+        "weight_bytes_per_step": decode_weight_bytes(p, bench),
+        "fp32_weight_bytes_per_step": decode_weight_bytes(p, base_bench(bench)),
+        "ours_params_bytes": ours.get("params_bytes"),
+        "paired": False,
+        "other_load_runs": {"ours": loads},
+        "other_load": max(loads),
+        "remeasured": {"ours": ours["remeasured"]},
+        "ours_compile_s": ours.get("compile_s"),
+        "ours_first_call_s": ours.get("first_call_s"),
+        "ours_ttft_s": ours.get("ttft_s"),
+        "ours_total_s": ours.get("total_s"),
+        "ours_matmul": ours.get("matmul"),
+    }
+    if fp32 and "seconds" in fp32:
+        entry["fp32_tokens_per_s"] = n / fp32["seconds"]
+        entry["ratio_vs_fp32"] = fp32["seconds"] / ours["seconds"]  # > 1: int8 faster
+        entry["fp32_params_bytes"] = fp32.get("params_bytes")
+        if "tokens" in fp32 and "tokens" in ours:
+            pairs = [(a, b) for ra, rb in zip(ours["tokens"], fp32["tokens"])
+                     for a, b in zip(ra, rb)]
+            entry["greedy_tokens_agree_vs_fp32"] = sum(a == b for a, b in pairs) / max(
+                len(pairs), 1)
+    if entry["compiles_after_warmup"]:
+        entry["verdict"] = "recompiled"
+    elif entry["other_load"] > MAX_OTHER_LOAD:
+        entry["verdict"] = "unreliable"
+        entry["unreliable_because"] = (f"other processes used {entry['other_load']:.0%} of "
+                                       f"the pinned CPUs (limit {MAX_OTHER_LOAD:.0%})")
+    else:
+        entry["verdict"] = "no target"
+    entry["meets_target"] = None
     return entry
 
 
@@ -151,6 +207,20 @@ def _verdict_text(entry: dict) -> str:
             or f"unreliable: {entry['unreliable_because']}")
 
 
+def _int8_row(name: str, bench: str, e: dict) -> str:
+    """An int8 row in the same columns: the ratio column holds ours int8 over our fp32."""
+    vs = (f"{e['ratio_vs_fp32']:.2f}x vs our fp32" if "ratio_vs_fp32" in e
+          else "fp32 not measured")
+    ttft = f"{e['ours_ttft_s'] * 1e3:.0f} / - ms" if e.get("ours_ttft_s") is not None else "-"
+    why = f": {e['unreliable_because']}" if "unreliable_because" in e else ""
+    return (f"| {name} | {bench} | {e['ours_tokens_per_s']:.1f} | - (no int8) | {vs} "
+            f"| {e['fraction_of_ceiling']:.0%} of read BW at "
+            f"{e['weight_bytes_per_step'] / 2 ** 20:.1f} MiB/step "
+            f"(fp32 {e['fp32_weight_bytes_per_step'] / 2 ** 20:.1f}) | - | {ttft} "
+            f"| {e['ours_compile_s']:.1f} | {e['compiles_after_warmup']} "
+            f"| {e['other_load']:.0%} | {e['verdict']}{why} |")
+
+
 def table(report: dict, presets: list[str]) -> str:
     """A fixed-width console/Markdown table of every measured pair."""
     head = ("| preset | benchmark | ours tok/s | transformers tok/s | ratio (target) "
@@ -162,6 +232,9 @@ def table(report: dict, presets: list[str]) -> str:
             if "missing" in e:
                 lines.append(f"| {name} | {bench} | - | - | - | - | - | - | - | - | - "
                              f"| missing: {e['missing']} |")
+                continue
+            if is_int8(bench):
+                lines.append(_int8_row(name, bench, e))
                 continue
             ratio_t, frac_t = _target_text(bench)
             kind = "MFU" if e["ceiling_kind"] == "mfu" else "of read BW"

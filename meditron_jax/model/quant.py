@@ -37,17 +37,18 @@ def _channels(ndim: int, contracts: int, stacked: bool) -> tuple[int, ...]:
 
 def quantize_params(params: Params, scheme: str = "int8") -> Params:
     """The same params with each projection (stacked [L, ...]) and an untied head as int8
-    QArrays; call it under ``jax.jit`` with ``out_shardings`` to quantize sharded."""
+    QArrays; call it under ``jax.jit`` with ``out_shardings`` to quantize sharded. Scales are
+    computed from float32 (from bfloat16 weights they would carry bfloat16's rounding)."""
     check_scheme(scheme)
     layers = dict(params["layers"])
     for name, contracts in _CONTRACTS.items():
         w = layers[name]
-        layers[name] = qwix.quantize(w, jnp.int8, channelwise_axes=_channels(w.ndim, contracts, True),
-                                     scale_dtype=jnp.float32)
+        layers[name] = qwix.quantize(w.astype(jnp.float32), jnp.int8,
+                                     channelwise_axes=_channels(w.ndim, contracts, True))
     out = {**params, "layers": layers}
     if "lm_head" in params:
-        out["lm_head"] = qwix.quantize(params["lm_head"], jnp.int8, channelwise_axes=(1,),
-                                       scale_dtype=jnp.float32)
+        out["lm_head"] = qwix.quantize(params["lm_head"].astype(jnp.float32), jnp.int8,
+                                       channelwise_axes=(1,))
     return out
 
 
