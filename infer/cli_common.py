@@ -64,7 +64,8 @@ def load_for_inference(args: argparse.Namespace,
     inference shardings (kv heads vs tensor is checked on the config)."""
     if mesh is None:
         mesh = inference_mesh(args)
-    shardings = None if mesh is None else (lambda cfg: param_shardings(cfg, mesh, INFER_RULES))
+    shardings = None if mesh is None else (
+        lambda cfg, quantize=None: param_shardings(cfg, mesh, INFER_RULES, quantize))
     return load_model(args.model, shardings=shardings, dtype=DTYPES[args.dtype],
                       verify=not getattr(args, "no_verify", False),
                       quantize=getattr(args, "quantize", None)), mesh

@@ -110,9 +110,8 @@ class BatchRunner:
             raise UserError(f"--batch-size must be >= 1, got {batch_size}")
         self.model, self.cfg, self.batch_size = model, model.cfg, batch_size
         # int8 weights (model.quant): their tree has its own shardings and executables
-        self.quantize = getattr(model, "quantize", None) or (
-            "int8" if any(is_quantized(x) for x in jax.tree.leaves(
-                model.params["layers"], is_leaf=is_quantized)) else None)
+        self.quantize = "int8" if any(is_quantized(x) for x in jax.tree.leaves(
+            model.params["layers"], is_leaf=is_quantized)) else None
         self.placement = Placement(model.cfg, mesh, rules, self.quantize)
         self.placement.check_fits(batch_size)
         self.dtype = dtype or model.params["embed"].dtype

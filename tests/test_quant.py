@@ -69,7 +69,7 @@ def _mesh(spec):
 def _load(path, spec=None, quantize="int8"):
     mesh = _mesh(spec) if spec else None
     fn = None if mesh is None else (
-        lambda cfg: sharding.param_shardings(cfg, mesh, sharding.INFER_RULES))
+        lambda cfg, q=None: sharding.param_shardings(cfg, mesh, sharding.INFER_RULES, q))
     return load_model(path, shardings=fn, quantize=quantize)
 
 

@@ -18,7 +18,8 @@ from meditron_jax.errors import UserError
 from meditron_jax.jsonl import read_json_file
 from meditron_jax.tokenizer import Tokenizer
 
-ShardingsFn = Callable[[LlamaConfig], object]
+# shardings(cfg) of the params; with quantize, shardings(cfg, quantize) of the quantized tree
+ShardingsFn = Callable[..., object]
 
 # Checkpoint files read whole for the fingerprint (configs, tokenizer, checksum manifests);
 # weight files by their size and FINGERPRINT_SAMPLES evenly spaced 4 KiB blocks.
@@ -82,8 +83,8 @@ def load_model(path: str | os.PathLike, *, shardings: ShardingsFn | None = None,
     ``dtype`` casts the weights (default: as stored). A native checkpoint's files are
     first checked against its checksums (``verify=False``: not). ``quantize="int8"``: the
     weights, loaded as above, are quantized once (``meditron_jax.model.quant``) into
-    shardings derived from ``shardings(cfg)`` (int8 values like their weight, scales by
-    the output axes) and the unquantized projections freed.
+    ``shardings(cfg, "int8")`` (int8 values like their weight, scales by the output axes)
+    and the unquantized projections freed.
     """
     from meditron_jax.model.quant import check_scheme
     check_scheme(quantize)
@@ -97,41 +98,20 @@ def load_model(path: str | os.PathLike, *, shardings: ShardingsFn | None = None,
         from meditron_jax.io import hf_io
         cfg, params = hf_io.load_hf_params(path, shardings=shardings, dtype=dtype)
     if quantize is not None:
-        params = quantize_loaded(params, quantize)
+        params = quantize_loaded(params, quantize,
+                                 None if shardings is None else shardings(cfg, quantize))
     return LoadedModel(cfg=cfg, params=params, tokenizer=load_tokenizer(path),
                        generation_config=read_generation_config(path), path=path, kind=kind,
                        quantize=quantize)
 
 
-def quantize_loaded(params: dict, scheme: str) -> dict:
-    """``params`` quantized under ``jax.jit`` with ``out_shardings`` derived from the
-    loaded arrays' own shardings: an int8 value takes its weight's sharding, a scale the
-    weight's partition spec with the contracted (size-1) dims unsplit. The inputs it
-    replaced are deleted (the bf16/fp32 copies are never kept beside the int8 ones)."""
+def quantize_loaded(params: dict, scheme: str, shardings=None) -> dict:
+    """``params`` quantized once under ``jax.jit`` into ``shardings`` (the quantized tree's,
+    ``sharding.param_shardings(..., quantize=scheme)``; None: the default device). The
+    inputs it replaced are deleted (the float copies are never kept beside the int8 ones)."""
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec
-    from meditron_jax.model.quant import is_quantized, quantize_params
+    from meditron_jax.model.quant import quantize_params
 
-    abstract = jax.eval_shape(lambda p: quantize_params(p, scheme), params)
-
-    def out_sharding(x):  # host (numpy) arrays: the default device
-        return getattr(x, "sharding", None) or jax.sharding.SingleDeviceSharding(
-            jax.devices()[0])
-
-    def quantized_sharding(w, q):
-        sh = out_sharding(w)
-        if not is_quantized(q) or not isinstance(sh, NamedSharding):
-            return jax.tree.map(lambda _: sh, q)
-        spec = tuple(sh.spec) + (None,) * (w.ndim - len(sh.spec))
-        scale = PartitionSpec(*(a if q.scale.shape[i] == w.shape[i] else None
-                                for i, a in enumerate(spec)))
-        return dataclasses.replace(q, qvalue=sh, scale=NamedSharding(sh.mesh, scale))
-
-    shardings = {k: out_sharding(v) for k, v in params.items() if k not in ("layers", "lm_head")}
-    shardings["layers"] = {k: quantized_sharding(params["layers"][k], abstract["layers"][k])
-                           for k in params["layers"]}
-    if "lm_head" in params:
-        shardings["lm_head"] = quantized_sharding(params["lm_head"], abstract["lm_head"])
     out = jax.jit(lambda p: quantize_params(p, scheme), out_shardings=shardings)(params)
     for old in jax.tree.leaves(params):
         if isinstance(old, jax.Array) and not old.is_deleted():
