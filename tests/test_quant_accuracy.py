@@ -334,14 +334,11 @@ def main() -> None:
     ref = real_teacher_forced(models, against_fp32=True)
     print(f"    for scale, fp32 vs bf16 (no int8): KL {ref['kl']:.4g} (max {ref['max_kl']:.3g}), "
           f"argmax agreement {ref['agree']:.4f}")
-    gen = real_generation(models)
-    print(f"    greedy {NEW_TOKENS} tokens: {gen['identical']}/{gen['prompts']} identical, "
-          f"{gen['positions_equal']:.3f} of positions equal, mean common prefix "
-          f"{gen['mean_prefix']:.1f}")
-    ref = real_generation(models, against_fp32=True)
-    print(f"    for scale, fp32 vs bf16: {ref['identical']}/{ref['prompts']} identical, "
-          f"{ref['positions_equal']:.3f} of positions equal, mean common prefix "
-          f"{ref['mean_prefix']:.1f}")
+    for label, fp32 in ((f"greedy {NEW_TOKENS} tokens", False), ("for scale, fp32 vs bf16", True)):
+        gen = real_generation(models, against_fp32=fp32)
+        print(f"    {label}: {gen['identical']}/{gen['prompts']} identical, "
+              f"{gen['positions_equal']:.3f} of positions equal, mean common prefix "
+              f"{gen['mean_prefix']:.1f}")
     tok = models[0].tokenizer
     print(f"    e.g. bf16: {tok.decode(gen['example'][0])!r}\n         int8: "
           f"{tok.decode(gen['example'][1])!r}")
