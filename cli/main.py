@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("cli.convert", "convert a Hugging Face snapshot to a native checkpoint"),
     "export": ("cli.export", "export a native checkpoint to a Hugging Face directory"),
     "generate": ("infer.generate_cli", "generate text (one prompt, streamed, or a resumable JSONL sweep)"),
+    "serve": ("serve.cli", "OpenAI-compatible HTTP server (completions, chat, streaming) on continuous batching"),
     "score": ("infer.score_cli", "log-likelihood of continuations (multiple-choice scoring)"),
     "eval": ("infer.eval_cli", "few-shot medical multiple-choice evaluation (MedQA, MedMCQA, PubMedQA, MMLU)"),
     "train": ("train.cli", "continued pretraining / fine-tuning from a YAML run config"),

@@ -21,8 +21,8 @@ from meditron_jax.model.config import LlamaConfig, preset, PRESETS as MODEL_PRES
 from meditron_jax.errors import UserError
 from meditron_jax.io.loading import directory_kind
 from meditron_jax.model import REMAT_POLICIES
-from sharding import (INFER_RULES, TRAIN_RULES, Rules, cache_heads, describe, make_mesh,
-                      step_kernels)
+from sharding import (INFER_RULES, TRAIN_RULES, Rules, cache_heads, check_sequence, describe,
+                      make_mesh, step_kernels)
 from sharding.aot import TARGET_EXAMPLES, MemoryPlan, compile_plan, resolve_target, step_flops
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -33,10 +33,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="meditron3-8b",
                         help=f"a preset ({', '.join(MODEL_PRESETS)}) or a checkpoint directory "
                              "(only its config is read)")
-    parser.add_argument("--mode", choices=("train", "infer"), default="train",
-                        help="train: one optimizer step; infer: the KV-cache decode loop")
+    parser.add_argument("--mode", choices=("train", "dpo", "infer"), default="train",
+                        help="train: one optimizer step; dpo: one DPO step on --batch "
+                             "preference pairs (2 rows of --seq each: policy, frozen bf16 "
+                             "reference and AdamW state); infer: the KV-cache decode loop")
     parser.add_argument("--mesh", default=None,
-                        help="mesh spec, e.g. fsdp=8 or data=2,fsdp=2,tensor=2; None means "
+                        help="mesh spec, e.g. fsdp=8 or data=2,fsdp=2,tensor=2; train: "
+                             "context=N splits each row's sequence over N devices (context "
+                             "parallelism, e.g. fsdp=2,context=4); None means "
                              "fsdp=-1 for train, tensor=-1 for infer")
     parser.add_argument("--batch", type=int, default=8, help="global batch (rows)")
     parser.add_argument("--seq", type=int, default=2048,
@@ -99,7 +103,7 @@ class Plan:
             lines.append(f"  needs {_gib(m.required)} of {_gib(m.capacity)} {m.capacity_label} "
                          f"per device: {verdict} (compiler's liveness peak "
                          f"{_gib(m.compiler_peak)})")
-        what = "per step" if self.mode == "train" else "per decode step"
+        what = "per step" if self.mode != "infer" else "per decode step"
         flops = f"  FLOPs {what}: {self.flops:.3e} (XLA, layers unrolled), " \
                 f"{self.flops / self.devices:.3e} per device"
         if self.model_flops:
@@ -131,7 +135,7 @@ def make_plan(cfg: LlamaConfig, *, model: str, mode: str, target: str, mesh: str
     """Compile the step for ``target`` and measure it (abstract inputs only)."""
     from meditron_jax.model.quant import check_scheme
     check_scheme(quantize)
-    if quantize is not None and mode == "train":
+    if quantize is not None and mode != "infer":
         raise UserError(f"--quantize {quantize}: int8 weights are inference-only; plan it with "
                         "--mode infer (training keeps float weights)")
     if batch < 1 or seq < 1 or grad_accum < 1:
@@ -140,11 +144,12 @@ def make_plan(cfg: LlamaConfig, *, model: str, mode: str, target: str, mesh: str
         raise UserError(f"--seq {seq} exceeds the model's max_position_embeddings "
                         f"({cfg.max_position_embeddings})")
     devices = resolve_target(target)
-    spec = mesh or ("fsdp=-1" if mode == "train" else "tensor=-1")
+    spec = mesh or ("fsdp=-1" if mode != "infer" else "tensor=-1")
     the_mesh = make_mesh(spec, devices=list(devices.devices))
-    if mode == "train":
+    if mode != "infer":
         if batch % grad_accum:
             raise UserError(f"--batch {batch} is not divisible by --grad-accum {grad_accum}")
+        check_sequence(seq, the_mesh, TRAIN_RULES)
         from train.step import abstract_train_step
         pdt = param_dtype or "float32"
 
@@ -152,13 +157,18 @@ def make_plan(cfg: LlamaConfig, *, model: str, mode: str, target: str, mesh: str
             return abstract_train_step(cfg, m, TRAIN_RULES, batch=batch, seq=seq, remat=remat,
                                        param_dtype=DTYPES[pdt],
                                        compute_dtype=DTYPES[compute_dtype],
-                                       grad_accum=grad_accum, attention=attention)
+                                       grad_accum=grad_accum, attention=attention,
+                                       objective="dpo" if mode == "dpo" else "sft")
         # the same facts train.step gives select, so this line names what the step runs
         kernels = step_kernels(attention, the_mesh, TRAIN_RULES, packed=True,
                                dtype=DTYPES[compute_dtype], head_dim=cfg.head_dim)
         settings = (f"remat {remat}, params {pdt}, compute {compute_dtype}, "
                     f"grad accum {grad_accum}, AdamW, {kernels.describe()}")
         model_flops = batch * seq * cfg.flops_per_token(seq, training=True)
+        if mode == "dpo":  # two rows per pair; the reference's forward on both
+            settings += f", DPO: {batch} pairs, frozen {compute_dtype} reference"
+            model_flops = 2 * batch * seq * (cfg.flops_per_token(seq, training=True)
+                                             + cfg.flops_per_token(seq, training=False))
     else:
         from infer.engine import abstract_decode_step
         pdt = param_dtype or "bfloat16"
@@ -170,13 +180,17 @@ def make_plan(cfg: LlamaConfig, *, model: str, mode: str, target: str, mesh: str
                     f"weights {quantize} (per-channel float32 scales, embedding {pdt}), "
                     f"KV cache and activations {pdt}")
         model_flops = 0.0
-    settings += _kv_heads_note(cfg, the_mesh, TRAIN_RULES if mode == "train" else INFER_RULES,
+    settings += _kv_heads_note(cfg, the_mesh, TRAIN_RULES if mode != "infer" else INFER_RULES,
                                mode)
     memory = compile_plan(*build(the_mesh), devices)
     # FLOPs belong to the global program: count them on one CPU device (lowered, not
     # compiled), which also works where the target's compile-only client cannot; with XLA
     # attention, whose FLOPs cost analysis sees (it is blind inside a Pallas kernel).
-    flops = step_flops(*build(make_mesh("fsdp=1", devices=jax.devices("cpu")[:1]), "xla"))
+    # Dense XLA attention there: the blockwise path's loops run a data-dependent number of
+    # times, which cost analysis would count once (lowered only: its [T, T] never exists).
+    from meditron_jax.kernels.xla import dense_for_counting
+    with dense_for_counting():
+        flops = step_flops(*build(make_mesh("fsdp=1", devices=jax.devices("cpu")[:1]), "xla"))
     return Plan(model=model, mode=mode, target=devices.name, device_kind=devices.device_kind,
                 devices=len(devices.devices), mesh=describe(the_mesh), batch=batch, seq=seq,
                 settings=settings, memory=memory, flops=flops, model_flops=model_flops)

@@ -4,7 +4,9 @@
    (config.json, safetensors shards + index, tokenizer files, generation_config.json);
 2. ``convert`` it to a native checkpoint;
 3. continued-pretrain it on the bundled clinical corpus, then fine-tune it on the bundled
-   Q&A pairs (loss on answers only), sharded ``data=2,fsdp=2,tensor=2``;
+   Q&A pairs (loss on answers only), then align it with DPO on the bundled preference
+   pairs (held-out reward margin and preference accuracy reported), sharded
+   ``data=2,fsdp=2,tensor=2``;
 4. ``generate`` answers to clinical prompts (sharded, streamed) and ``score`` a few
    multiple-choice items;
 5. ``export`` back to a Hugging Face directory and, when transformers is installed,
@@ -37,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--infer-mesh", default="data=4,tensor=2", help="inference mesh")
     parser.add_argument("--pretrain-steps", type=int, default=800)
     parser.add_argument("--sft-steps", type=int, default=300)
+    parser.add_argument("--dpo-steps", type=int, default=60)
     parser.add_argument("--quick", action="store_true",
                         help="a shortened run (few steps) that still exercises every stage")
     parser.add_argument("--keep", action="store_true",
@@ -152,6 +155,32 @@ def compare_with_transformers(native_dir: str, hf_dir: str) -> float | None:
     return float(np.abs(ours - ref).max())
 
 
+def dpo_stage(out: str, sft: str, steps: int, common: list[str]) -> tuple[str, dict, list]:
+    """DPO from the SFT model (its own frozen reference) on the bundled preference pairs;
+    the held-out pairs' reward margin and accuracy at step 0 (policy = reference: both 0)
+    and at each eval."""
+    dpo = os.path.join(out, "dpo")
+    pairs = os.path.join(DATA, "clinical_preferences.jsonl")
+    held_out = os.path.join(DATA, "clinical_preferences_heldout.jsonl")
+    every = max(steps // 2, 1)
+    _cli("train", "--config", os.path.join(CONFIGS, "tiny_dpo.yaml"),
+         "--set", f"output_dir={dpo}", "--set", f"model.init_from={sft}",
+         "--set", f"data.train_files=[{pairs}]", "--set", f"data.eval_file={held_out}",
+         "--set", f"train.steps={steps}", "--set", f"checkpoint.every={steps}",
+         "--set", f"log.eval_every={every}", *common)
+    with open(os.path.join(dpo, "summary.json"), encoding="utf-8") as f:
+        summary = json.load(f)
+    evals = [{"step": 0, "eval_reward_margin": 0.0, "eval_reward_accuracy": 0.0}]
+    with open(summary["metrics"], encoding="utf-8") as f:
+        evals += [r for r in map(json.loads, f) if "eval_reward_margin" in r]
+    print("held-out preference pairs (the 27 of clinical_preferences_heldout.jsonl in 2 batches "
+          "of 16, five twice; reward = beta * log-ratio to the SFT model):")
+    for r in evals:
+        print(f"  step {r['step']:>3}: reward margin {r['eval_reward_margin']:+.3f}, "
+              f"preference accuracy {100 * r['eval_reward_accuracy']:.0f}%")
+    return dpo, summary, evals
+
+
 def run(args: argparse.Namespace) -> int:
     _set_devices(args.devices)
     started = time.time()
@@ -160,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
         shutil.rmtree(out)
     os.makedirs(out, exist_ok=True)
     pre_steps, sft_steps = (30, 20) if args.quick else (args.pretrain_steps, args.sft_steps)
+    dpo_steps = 12 if args.quick else args.dpo_steps
     timings: dict[str, float] = {}
 
     def stage(name):
@@ -174,8 +204,8 @@ def run(args: argparse.Namespace) -> int:
     native = os.path.join(out, "native")
     _cli("convert", "--model", snapshot, "--out", native)
 
-    _banner(f"3/6 continued pretraining ({pre_steps} steps), then SFT ({sft_steps} steps), "
-            f"mesh {args.mesh}")
+    _banner(f"3/6 continued pretraining ({pre_steps} steps), then SFT ({sft_steps} steps) and "
+            f"DPO ({dpo_steps} steps), mesh {args.mesh}")
     stage("train")
     pretrain, sft = os.path.join(out, "pretrain"), os.path.join(out, "sft")
     corpus, qa = os.path.join(DATA, "clinical_corpus.txt"), os.path.join(DATA, "clinical_qa.jsonl")
@@ -194,6 +224,7 @@ def run(args: argparse.Namespace) -> int:
         pre_summary = json.load(f)
     with open(os.path.join(sft, "summary.json"), encoding="utf-8") as f:
         sft_summary = json.load(f)
+    dpo, dpo_summary, dpo_evals = dpo_stage(out, sft, dpo_steps, common)
     model_dir = os.path.join(sft, "model")
 
     _banner(f"4/6 generate (streamed, mesh {args.infer_mesh}) and score multiple-choice items")
@@ -237,6 +268,9 @@ def run(args: argparse.Namespace) -> int:
                         f"{pre_summary['tokens_per_s'] or 0:.0f} tok/s", pretrain),
         ("SFT", f"{sft_summary['steps']} steps, loss {sft_summary['final_loss']:.3f}, "
                 f"{sft_summary['tokens_per_s'] or 0:.0f} tok/s", sft),
+        ("DPO", f"{dpo_summary['steps']} steps, held-out margin "
+                f"{dpo_evals[-1]['eval_reward_margin']:+.3f}, accuracy "
+                f"{100 * dpo_evals[-1]['eval_reward_accuracy']:.0f}%", dpo),
         ("loss plots", os.path.join(pretrain, "loss.png"), os.path.join(sft, "loss.png")),
         ("generations", generations, f"{durations['generate']:.0f}s incl. scoring"),
         ("MC scores", os.path.join(out, "mc_scores.jsonl"), f"accuracy {100 * accuracy:.0f}%"),
@@ -247,7 +281,8 @@ def run(args: argparse.Namespace) -> int:
     for name, a, b in rows:
         print(f"  {name:<{width}}  {a}  |  {b}")
     print(f"demo finished in {time.time() - started:.0f}s; artifacts under {out}")
-    summary = {"pretrain": pre_summary, "sft": sft_summary, "mc_accuracy": accuracy,
+    summary = {"pretrain": pre_summary, "sft": sft_summary, "dpo": dpo_summary,
+               "dpo_heldout": dpo_evals, "mc_accuracy": accuracy,
                "export_max_abs_diff": diff, "snapshot": snapshot, "native": native,
                "model": model_dir, "export": exported, "generations": generations,
                "seconds": time.time() - started}

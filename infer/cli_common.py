@@ -75,7 +75,8 @@ def load_for_inference(args: argparse.Namespace,
 # Options that never change a sweep's results: where it reads and writes, how the work is
 # laid out (mesh, batch, weight layout: equal results, tested), checks that only refuse.
 NOT_SETTINGS = frozenset({"model", "prompt", "prompts", "input", "out", "overwrite", "mesh",
-                          "batch_size", "layers", "attention", "no_verify"})
+                          "batch_size", "layers", "attention", "no_verify", "chat",
+                          "prefix_cache"})
 def add_sweep_output_arguments(parser: argparse.ArgumentParser, *, required: bool,
                                without: str = "") -> None:
     """``--out`` (``without``: what happens when it is not given) and ``--overwrite``."""

@@ -256,6 +256,9 @@ class Completion:
     ids: list[int]
     finish_reason: str          # "stop" (stop id or stop string) or "length"
     text: str | None = None     # decoded (stop string cut off) when there is a tokenizer
+    # infer.batching, when asked: each token's log-prob and its top alternatives
+    logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None
 
 
 TokenCallback = Callable[[int, list[int]], None]

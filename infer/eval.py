@@ -2,7 +2,8 @@
 
 For each question every option is scored by the log-likelihood of ``" " + option``
 after the few-shot context, the context computed once for all options
-(:class:`~infer.grouped_score.GroupedScorer`). The
+(:class:`~infer.grouped_score.GroupedScorer`), and the worked examples the questions
+share computed once for all of them (``--prefix-cache``, :func:`shared_prefix`). The
 metrics are lm-eval's: ``acc`` picks the option with the highest summed
 log-likelihood, ``acc_norm`` divides it by the option's length in characters. Each
 gets lm-eval's standard error and a 95% Wilson score interval, which (unlike
@@ -110,6 +111,23 @@ def build_groups(items: Sequence[Item], pool: Sequence[Item], spec: EvalSpec,
     return groups
 
 
+def shared_prefix(items: Sequence[Item], pool: Sequence[Item], spec: EvalSpec,
+                  tokenizer) -> tuple[int, ...] | None:
+    """Token ids most contexts start with: the header and worked examples that the most
+    items share (the shots are the pool's first ones, so all but the items among them
+    share one block; those share part of it). None when no two items share a block."""
+    blocks: dict[str, int] = {}
+    for item in items:
+        shots = pick_shots(item, pool, spec.shots, spec.fewshot_data is None)
+        context = fewshot_context(item, shots)
+        block = context[:len(context) - len(item.text)]
+        blocks[block] = blocks.get(block, 0) + 1
+    block, count = max(blocks.items(), key=lambda kv: kv[1], default=("", 0))
+    if count < 2 or not block:
+        return None
+    return tuple(tokenizer.encode(block))
+
+
 def is_writer() -> bool:
     """Process 0 writes the files; on a multi-host run every process computes the same
     batches, reads what is there, and agrees on what is left (see :mod:`infer.sweep`)."""
@@ -117,9 +135,14 @@ def is_writer() -> bool:
 
 
 def evaluate(scorer: GroupedScorer, tokenizer, items: Sequence[Item], pool: Sequence[Item],
-             spec: EvalSpec, out_dir: str, *, model_path: str, chunk_items: int = 32) -> dict:
+             spec: EvalSpec, out_dir: str, *, model_path: str, chunk_items: int = 32,
+             prefix_cache: bool = True) -> dict:
     """Score the items not yet in ``out_dir/items.jsonl`` (each chunk of
-    ``chunk_items`` appended durably), then summarize all of them into ``summary.json``."""
+    ``chunk_items`` appended durably), then summarize all of them into ``summary.json``.
+
+    ``prefix_cache``: run the few-shot block the items share once and score each
+    question on top of its KV cache (:meth:`GroupedScorer.score_groups`). It changes no
+    result, so it is not part of the settings a resume must match."""
     os.makedirs(out_dir, exist_ok=True)
     items_path = os.path.join(out_dir, "items.jsonl")
     check_settings(os.path.join(out_dir, "settings.json"),
@@ -127,12 +150,14 @@ def evaluate(scorer: GroupedScorer, tokenizer, items: Sequence[Item], pool: Sequ
                    hint="give another --out", has_results=os.path.exists(items_path),
                    write=is_writer())
     by_index: dict[int, dict] = {}  # every item's record: earlier runs' and this one's
+    prefix = shared_prefix(items, pool, spec, tokenizer) if prefix_cache else None
 
     def process(chunk: list[Item]) -> tuple[list[dict], int]:
         groups = build_groups(chunk, pool, spec, tokenizer)
+        scored = scorer.score_groups(groups, truncate=spec.truncate, prefix=prefix)
         records = [item_result(item, [r.logprob for r in per], [r.num_tokens for r in per],
                                [r.greedy for r in per])
-                   for item, per in zip(chunk, scorer.score_groups(groups, truncate=spec.truncate))]
+                   for item, per in zip(chunk, scored)]
         by_index.update((r["id"], r) for r in records)
         return records, sum(len(g.context_ids) + sum(map(len, g.continuations)) for g in groups)
 

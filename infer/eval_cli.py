@@ -43,6 +43,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--truncate-context", action="store_true",
                    help="drop the oldest tokens of a prompt longer than the model's max "
                         "length (default: fail; lower --shots instead)")
+    p.add_argument("--prefix-cache", choices=("on", "off"), default="on",
+                   help="run the few-shot block the questions share once and score each "
+                        "question on its KV cache (on); off: every context from scratch. "
+                        "The scores are the same either way")
     p.add_argument("--chunk", type=int, default=32, metavar="N",
                    help="questions per durable write (what a kill can lose)")
     p.add_argument("--out", default="eval_results", metavar="DIR",
@@ -118,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         summary = evaluate(GroupedScorer(model, mesh=mesh, batch_size=args.batch_size,
                                            attention=args.attention),
                            model_tokenizer, items, pool, spec, out_dir, model_path=path,
-                           chunk_items=args.chunk)
+                           chunk_items=args.chunk, prefix_cache=args.prefix_cache == "on")
         summaries.append({"label": label, **summary})
         print(f"{label}: {task.title} acc {summary['acc']:.4f} acc_norm "
               f"{summary['acc_norm']:.4f} (n={summary['n']}) -> {out_dir}", file=sys.stderr)

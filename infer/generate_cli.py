@@ -1,10 +1,13 @@
 """``meditron-jax generate``: one prompt streamed to the terminal, or a resumable sweep
 over a JSONL file of prompts.
 
-Input lines: ``{"id": ..., "prompt": "text"}`` or ``{"id": ..., "prompt_ids": [ints]}``.
-Output lines: ``{"id", "completion", "completion_ids", "finish_reason"}``, appended as
-each batch finishes; rerunning after a kill skips ids already in ``--out``, and only
-under the same model and settings (:func:`infer.cli_common.open_sweep_output`).
+Input lines: ``{"id": ..., "prompt": "text"}`` or ``{"id": ..., "prompt_ids": [ints]}``;
+with ``--chat``, ``{"id": ..., "messages": [...]}`` rendered with the checkpoint's chat
+template (:mod:`infer.chat_prompts`).
+Output lines: ``{"id", "completion", "completion_ids", "finish_reason"}``, appended in
+input order as prompts finish (continuous batching, :mod:`infer.batching`); rerunning
+after a kill skips ids already in ``--out``, and only under the same model and settings
+(:func:`infer.cli_common.open_sweep_output`).
 """
 from __future__ import annotations
 
@@ -20,9 +23,12 @@ import jax
 
 from infer.cli_common import (add_model_arguments, add_sweep_output_arguments, inference_mesh,
                                load_for_inference, open_sweep_output)
+from infer import chat_prompts
 from infer.engine import Completion, Generator, fit_prompt
 from infer.sampling import Sampling
-from infer.sweep import ResumableOutput, SweepStats, id_seed, read_requests, run_sweep
+from infer.batching import ContinuousEngine, EngineRequest
+from infer.sweep import (ResumableOutput, SweepStats, id_seed, read_requests,
+                         run_streaming_sweep)
 from meditron_jax.errors import UserError
 from meditron_jax.model import unstack_layers
 
@@ -34,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                         "to the terminal")
     source.add_argument("--prompts", metavar="FILE.jsonl",
                         help='JSONL lines {"id", "prompt"} or {"id", "prompt_ids"}')
+    source.add_argument("--chat", metavar="FILE.jsonl",
+                        help='JSONL lines {"id", "messages"}: each conversation rendered with '
+                             "the checkpoint's chat template (generation prompt added)")
     add_sweep_output_arguments(parser, required=False, without="; none: JSONL to stdout")
     parser.add_argument("--max-new-tokens", type=int, default=128, metavar="N",
                         help="tokens to generate per prompt (at most)")
@@ -107,24 +116,26 @@ def _tokenize(items: list[PromptItem], model, args) -> None:
 
 def run(args: argparse.Namespace) -> int:
     sampling = _sampling(args)
-    if args.out and not args.prompts:
+    if args.out and not (args.prompts or args.chat):
         raise UserError("--out goes with --prompts (a sweep); --prompt streams to the terminal")
     if args.overwrite and not args.out:
         raise UserError("--overwrite goes with --out")
-    items = read_requests(args.prompts, parse_prompt) if args.prompts else [
+    template = chat_prompts.load_template(args.model) if args.chat else None
+    items = read_requests(args.chat, chat_prompts.parse_chat_record) if args.chat else \
+        read_requests(args.prompts, parse_prompt) if args.prompts else [
         PromptItem(id=0, where="--prompt", text=args.prompt)]
     if args.prompt is not None and not args.prompt.strip():
         raise UserError("--prompt: empty prompt")
     if args.layers == "per-layer" and args.mesh:
         raise UserError("--layers per-layer runs on one device; drop --mesh")
     mesh = inference_mesh(args)
-    with (open_sweep_output(args, "generate", args.prompts) if args.out
+    with (open_sweep_output(args, "generate", args.prompts or args.chat) if args.out
           else contextlib.nullcontext()) as out:
-        return _generate(args, items, sampling, mesh, out)
+        return _generate(args, items, sampling, mesh, out, template)
 
 
 def _generate(args, items: list[PromptItem], sampling: Sampling, mesh,
-              out: ResumableOutput | None) -> int:
+              out: ResumableOutput | None, template=None) -> int:
     model, mesh = load_for_inference(args, mesh)
     if args.layers == "per-layer" or (
             args.layers == "auto" and mesh is None and jax.default_backend() == "cpu"):
@@ -132,21 +143,35 @@ def _generate(args, items: list[PromptItem], sampling: Sampling, mesh,
         model = dataclasses.replace(model, params=unstack_layers(model.params, consume=True))
     if args.stop and model.tokenizer is None:
         raise UserError(f"--stop needs a tokenizer; {args.model} has none")
+    if template is not None:
+        chat_prompts.render(items, template, model.tokenizer, args.model)
     _tokenize(items, model, args)
-    generator = Generator(model, mesh, args.batch_size, attention=args.attention)
-    options = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
-                   stop_strings=args.stop)
     if args.prompt is not None:
-        return _stream(generator, items[0], options)
+        generator = Generator(model, mesh, args.batch_size, attention=args.attention)
+        return _stream(generator, items[0], dict(
+            max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
+            stop_strings=args.stop))
+    return _sweep(args, model, mesh, items, sampling, out)
 
-    def process(batch: list[PromptItem]):
-        done = generator.generate([it.ids for it in batch],
-                                  row_seeds=[id_seed(it.id) for it in batch], **options)
-        return [_record(it, c) for it, c in zip(batch, done)], sum(len(c.ids) for c in done)
 
-    items.sort(key=lambda it: len(it.ids))  # similar lengths share a padding bucket
-    stats = run_sweep(items, key=lambda it: it.id, batch_size=args.batch_size,
-                      process=process, out=out, emit=None if out else _print_records)
+def _sweep(args, model, mesh, items: list[PromptItem], sampling: Sampling,
+           out: ResumableOutput | None) -> int:
+    """Every prompt through continuous batching (``--batch-size`` slots, each refilled as
+    its row finishes); results are written as they finish, ``--batch-size`` at a time."""
+    longest = max(len(it.ids) for it in items)
+    engine = ContinuousEngine(model, mesh, slots=args.batch_size, attention=args.attention,
+                              max_len=min(longest + args.max_new_tokens,
+                                          model.cfg.max_position_embeddings),
+                              seed=args.seed, queue_size=max(1, len(items)))
+
+    def run(pending: list[PromptItem], done):
+        engine.generate([EngineRequest(it.ids, args.max_new_tokens, sampling,
+                                       seed=id_seed(it.id), stop_strings=tuple(args.stop))
+                         for it in pending],
+                        on_done=lambda i, c: done(i, _record(pending[i], c), len(c.ids)))
+
+    stats = run_streaming_sweep(items, key=lambda it: it.id, flush_every=args.batch_size,
+                                run=run, out=out, emit=None if out else _print_records)
     print(stats.summary(), file=sys.stderr)
     return 0
 

@@ -1,9 +1,10 @@
 """Resumable JSONL sweeps: requests in, one result line per request out.
 
 Results are appended batch by batch (flush + fsync), so a kill loses at most the batch
-in flight. A rerun of the same command drops a torn last line, skips every id already
-in the output, and never writes an id twice. An exclusive lock on the output file
-keeps two runs from appending to it at once. On a multi-host run every process reads
+in flight (:func:`run_sweep`), or the results not yet written (:func:`run_streaming_sweep`:
+written in input order as they finish). A rerun of the same command drops a torn last
+line, skips every id already in the output, and never writes an id twice. An exclusive
+lock on the output file keeps two runs from appending to it at once. On a multi-host run every process reads
 the output (all must agree on what is left to do: they run the same batches: a shared
 file system is checked, not assumed) and only process 0 writes it.
 
@@ -223,5 +224,49 @@ def run_sweep(items: Sequence, *, key: Callable[[Any], Any], batch_size: int,
             emit(records)
         stats.done += len(records)
         stats.tokens += tokens
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+def run_streaming_sweep(items: Sequence, *, key: Callable[[Any], Any], flush_every: int,
+                        run: Callable[[list, Callable[[int, dict, int], None]], None],
+                        out: ResumableOutput | None,
+                        emit: Callable[[Iterable[dict]], None] | None = None) -> SweepStats:
+    """Like :func:`run_sweep` for a runner that finishes items one at a time, in any
+    order: ``run(pending, done)`` calls ``done(i, record, token count)`` once per item
+    ``pending[i]`` as it finishes. Records are written (or emitted) in input order, as
+    soon as ``flush_every`` of them are ready with none missing before them, so a
+    resumed sweep writes the file an uninterrupted one writes."""
+    pending = [it for it in items if out is None or id_key(key(it)) not in out.done]
+    stats = SweepStats(total=len(items), skipped=len(items) - len(pending))
+    ready: dict[int, dict] = {}
+    written = 0
+
+    def flush(minimum: int):
+        nonlocal written
+        end = written
+        while end in ready:
+            end += 1
+        if end - written < minimum or end == written:
+            return
+        records = [ready.pop(i) for i in range(written, end)]
+        if out is not None:
+            out.write(records)
+        if emit is not None:
+            emit(records)
+        stats.done += len(records)
+        written = end
+
+    def done(i: int, record: dict, tokens: int):
+        ready[i] = record
+        stats.tokens += tokens
+        flush(flush_every)
+
+    start = time.perf_counter()
+    if pending:
+        run(list(pending), done)
+    flush(1)
+    if ready:
+        raise RuntimeError(f"{len(ready)} results were never written (some items not done)")
     stats.seconds = time.perf_counter() - start
     return stats

@@ -1,4 +1,5 @@
-"""One device mesh with named axes ``data``, ``fsdp``, ``tensor``, from a spec string.
+"""One device mesh with named axes ``data``, ``fsdp``, ``tensor`` (and ``context`` when it is
+given a size above 1: context parallelism, the sequence split over it), from a spec string.
 
 The same function builds the mesh over 8 fake CPU devices, one GPU host, or every
 process's devices on a multi-host TPU pod (``jax.devices()`` is global after
@@ -16,13 +17,18 @@ from jax.sharding import AbstractMesh, AxisType, Mesh
 from meditron_jax.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
+CONTEXT_AXIS = "context"
+# Every axis a spec may name, in the mesh's order: `context` sits next to `tensor` (the
+# fastest links carry the per-layer K/V gathers); a mesh has it only when its size is > 1.
+ALL_AXES = ("data", "fsdp", CONTEXT_AXIS, "tensor")
 
 
 def parse_mesh_spec(spec: str | dict | None, num_devices: int) -> dict[str, int]:
     """``"data=2,fsdp=-1"`` -> ``{"data": 2, "fsdp": n/2, "tensor": 1}``.
 
     Omitted axes have size 1; one axis may be ``-1`` (the rest of the devices). An
-    empty spec means ``fsdp=-1`` (all devices on one axis).
+    empty spec means ``fsdp=-1`` (all devices on one axis). ``context`` is in the result
+    (between ``fsdp`` and ``tensor``) only when its size is above 1.
     """
     if isinstance(spec, dict):
         items = dict(spec)
@@ -32,9 +38,10 @@ def parse_mesh_spec(spec: str | dict | None, num_devices: int) -> dict[str, int]
         for part in filter(None, (p.strip() for p in text.split(","))):
             name, sep, value = part.partition("=")
             name = name.strip()
-            if not sep or name not in MESH_AXES:
+            if not sep or name not in ALL_AXES:
                 raise UserError(f"mesh spec {spec!r}: expected comma-separated AXIS=SIZE with "
-                                f"AXIS in {', '.join(MESH_AXES)} (e.g. data=2,fsdp=2,tensor=2)")
+                                f"AXIS in {', '.join(MESH_AXES)} or {CONTEXT_AXIS} (e.g. "
+                                "data=2,fsdp=2,tensor=2)")
             if name in items:
                 raise UserError(f"mesh spec {spec!r}: axis {name!r} given twice")
             try:
@@ -44,9 +51,9 @@ def parse_mesh_spec(spec: str | dict | None, num_devices: int) -> dict[str, int]
                                 f"or -1, got {value.strip()!r}") from None
         if not items:
             items = {"fsdp": -1}
-    unknown = set(items) - set(MESH_AXES)
+    unknown = set(items) - set(ALL_AXES)
     if unknown:
-        raise UserError(f"mesh axes {sorted(unknown)} unknown; use {', '.join(MESH_AXES)}")
+        raise UserError(f"mesh axes {sorted(unknown)} unknown; use {', '.join(ALL_AXES)}")
     rest = [k for k, v in items.items() if v == -1]
     if len(rest) > 1:
         raise UserError(f"mesh spec {spec!r}: only one axis may be -1")
@@ -63,7 +70,8 @@ def parse_mesh_spec(spec: str | dict | None, num_devices: int) -> dict[str, int]
             raise UserError(f"mesh spec {spec!r}: {num_devices} devices are not divisible by "
                             f"the fixed axes' product {fixed}; change the fixed sizes")
         items[rest[0]] = num_devices // fixed
-    return {axis: int(items.get(axis, 1)) for axis in MESH_AXES}
+    return {axis: int(items.get(axis, 1)) for axis in ALL_AXES
+            if axis in MESH_AXES or items.get(axis, 1) > 1}
 
 
 def make_mesh(spec: str | dict | None = None, devices=None) -> Mesh:
@@ -83,8 +91,9 @@ def make_mesh(spec: str | dict | None = None, devices=None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
     sizes = parse_mesh_spec(spec, len(devices))
     n = math.prod(sizes.values())
-    shape = tuple(sizes[a] for a in MESH_AXES)
-    types = (AxisType.Auto,) * len(MESH_AXES)
+    names = tuple(sizes)
+    shape = tuple(sizes.values())
+    types = (AxisType.Auto,) * len(names)
     if n < len(devices) and len({d.process_index for d in devices}) > 1:
         raise UserError(f"mesh {spec!r} uses {n} of {len(devices)} devices; a multi-process "
                         "mesh must use every device (e.g. put -1 on one axis)")
@@ -93,19 +102,22 @@ def make_mesh(spec: str | dict | None = None, devices=None) -> Mesh:
         if sizes["data"] % len(slices):
             raise UserError(f"mesh {spec!r}: data={sizes['data']} must be a multiple of the "
                             f"{len(slices)} TPU slices (data parallelism spans the slices)")
-        ici = (sizes["data"] // len(slices), sizes["fsdp"], sizes["tensor"])
-        array = mesh_utils.create_hybrid_device_mesh(ici, (len(slices), 1, 1), devices)
-        return Mesh(array, MESH_AXES, axis_types=types)
+        ici = (sizes["data"] // len(slices),) + shape[1:]
+        dcn = (len(slices),) + (1,) * (len(shape) - 1)
+        array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+        return Mesh(array, names, axis_types=types)
     if n < len(devices) and devices[0].platform == "tpu":
         # A sub-mesh need not be a valid physical sub-slice: take devices in order.
-        return Mesh(np.asarray(devices[:n], dtype=object).reshape(shape), MESH_AXES,
+        return Mesh(np.asarray(devices[:n], dtype=object).reshape(shape), names,
                     axis_types=types)
-    return jax.make_mesh(shape, MESH_AXES, axis_types=types, devices=devices)
+    return jax.make_mesh(shape, names, axis_types=types, devices=devices)
 
 
 def mesh_shape(mesh: Mesh | AbstractMesh) -> dict[str, int]:
-    return dict(mesh.shape)
+    """Size of every axis a rule may name (``context`` is 1 on a mesh without it)."""
+    sizes = dict(mesh.shape)
+    return {a: sizes.get(a, 1) for a in ALL_AXES} | sizes
 
 
 def describe(mesh: Mesh | AbstractMesh) -> str:
-    return ",".join(f"{k}={v}" for k, v in mesh_shape(mesh).items())
+    return ",".join(f"{k}={v}" for k, v in dict(mesh.shape).items())

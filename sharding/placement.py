@@ -118,14 +118,22 @@ def step_kernels(attention: str, mesh: Mesh, rules: Rules, *, interpret: bool = 
                  **facts):
     """The kernels (:func:`meditron_jax.kernels.select`) of a step on ``mesh`` under
     ``rules``: splash's shard_map splits the batch like the activations and the heads over
-    the one mesh axis ``heads`` maps to (size-1 axes dropped). ``facts``: the step's
-    ``dtype``, ``head_dim`` and ``packed`` (:func:`meditron_jax.kernels.select`)."""
+    the one mesh axis ``heads`` maps to (size-1 axes dropped), and the sequence over the
+    one ``seq`` maps to (context parallelism, :mod:`meditron_jax.kernels.context`).
+    ``facts``: the step's ``dtype``, ``head_dim`` and ``packed``
+    (:func:`meditron_jax.kernels.select`)."""
     from meditron_jax.kernels import select
-    batch_axes = tuple(a for a in rules.mesh_axes("batch") if mesh.shape[a] > 1)
-    heads = [a for a in rules.mesh_axes("heads") if mesh.shape[a] > 1]
+    sizes = dict(mesh.shape)
+    batch_axes = tuple(a for a in rules.mesh_axes("batch") if sizes.get(a, 1) > 1)
+    heads = [a for a in rules.mesh_axes("heads") if sizes.get(a, 1) > 1]
     if len(heads) > 1:
         raise UserError(f"rules {rules.name!r} split heads over {'+'.join(heads)}; the "
                         "attention kernels take one head axis")
     head_axis = heads[0] if heads else None
+    # context parallelism: the one mesh axis the sequence is split over
+    seq = [a for a in rules.mesh_axes("seq") if sizes.get(a, 1) > 1]
+    if len(seq) > 1:
+        raise UserError(f"rules {rules.name!r} split the sequence over {'+'.join(seq)}; "
+                        "context parallelism takes one mesh axis")
     return select(attention, mesh=mesh, batch_axes=batch_axes, head_axis=head_axis,
-                  interpret=interpret, **facts)
+                  interpret=interpret, context_axis=seq[0] if seq else None, **facts)

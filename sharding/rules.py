@@ -16,7 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from meditron_jax.model.config import LlamaConfig
 from meditron_jax.errors import UserError
 from meditron_jax.model import VOCAB_MULTIPLE, is_spec, padded_vocab_size, param_specs
-from sharding.mesh import MESH_AXES, describe
+from sharding.mesh import ALL_AXES, CONTEXT_AXIS, describe
 
 MeshAxes = tuple[str, ...]
 
@@ -36,10 +36,10 @@ class Rules:
         if missing or extra:
             raise ValueError(f"rules {self.name!r}: missing {missing}, unknown {extra}")
         for logical, mesh_axes in self.table.items():
-            if not isinstance(mesh_axes, tuple) or not set(mesh_axes) <= set(MESH_AXES) \
+            if not isinstance(mesh_axes, tuple) or not set(mesh_axes) <= set(ALL_AXES) \
                     or len(set(mesh_axes)) != len(mesh_axes):
                 raise ValueError(f"rules {self.name!r}: {logical!r} -> {mesh_axes!r}; expected a "
-                                 f"tuple of distinct mesh axes from {MESH_AXES}")
+                                 f"tuple of distinct mesh axes from {ALL_AXES}")
 
     def mesh_axes(self, logical: str | None) -> MeshAxes:
         if logical is None:
@@ -89,10 +89,14 @@ class Rules:
 
 # Training: weights fully sharded over `fsdp` (ZeRO-3 style, gathered per layer inside
 # the scan), Megatron tensor parallelism over `tensor`, the batch over data x fsdp.
+# Context parallelism: activations split along the sequence over `context`
+# (meditron_jax/kernels/context.py), and the weights (with their Adam moments) sharded
+# over it too, like fsdp: a context device computes gradients from its tokens only, so
+# they are reduced over `context` whatever the weights' layout (absent axis: no effect).
 TRAIN_RULES = Rules("train", {
     "batch": ("data", "fsdp"),
-    "seq": (),
-    "embed": ("fsdp",),
+    "seq": (CONTEXT_AXIS,),
+    "embed": ("fsdp", CONTEXT_AXIS),
     "vocab": ("tensor",),
     "heads": ("tensor",),
     "kv_heads": ("tensor",),
@@ -117,6 +121,11 @@ INFER_RULES = Rules("infer", {
     "layers": (),
 })
 
+# Prefill of a long prompt with context parallelism: the inference table with the
+# prompt's activations (and the KV cache's slots) split along the sequence over `context`.
+# Decoding one token per row cannot split its sequence: it runs under INFER_RULES.
+PREFILL_RULES = Rules("prefill", {**INFER_RULES.table, "seq": (CONTEXT_AXIS,)})
+
 PRESETS = {"train": TRAIN_RULES, "infer": INFER_RULES}
 
 
@@ -134,6 +143,8 @@ def check_divisible(shape: tuple[int, ...], axes: tuple, rules: Rules, mesh: Mes
         mesh_axes = rules.mesh_axes(logical)
         n = axis_size(mesh, mesh_axes)
         if n > 1 and size % n:
+            # name the mesh's axes only (a mesh without `context` lacks that axis)
+            mesh_axes = tuple(a for a in mesh_axes if a in mesh.shape)
             raise UserError(
                 f"{what}: {logical} size {size} is not divisible by mesh axes "
                 f"{' x '.join(mesh_axes)} = {n}; pick a mesh whose {' x '.join(mesh_axes)} "
@@ -185,6 +196,14 @@ def check_batch(batch_size: int, mesh: Mesh, rules: Rules) -> None:
             f"batch size {batch_size} is not divisible by the data axes "
             f"{' x '.join(mesh_axes)} = {n} of mesh {describe(mesh)}; use a batch that is a "
             f"multiple of {n}")
+
+
+def check_sequence(seq: int, mesh: Mesh, rules: Rules) -> None:
+    """A sequence of ``seq`` tokens splits over the mesh axis ``seq`` maps to: into
+    2 x context equal chunks (each device holds two mirrored chunks,
+    meditron_jax/kernels/context.py), or a one-line error."""
+    from meditron_jax.kernels.context import check_length
+    check_length(seq, axis_size(mesh, rules.mesh_axes("seq")))
 
 
 def activation_constrainer(mesh: Mesh, rules: Rules):

@@ -36,6 +36,13 @@ def test_every_stage_leaves_its_artifact(demo_run):
                   if '"loss"' in line]
         assert losses[-1] < losses[0], f"{stage} loss did not fall: {losses[0]} -> {losses[-1]}"
         assert os.path.getsize(s["loss_plot"]) > 1000
+    # DPO from the SFT model: on the held-out pairs the reward margin rises from 0 (the
+    # policy starts as its own reference) and most pairs come out preferred the right way
+    evals = summary["dpo_heldout"]
+    margins = [r["eval_reward_margin"] for r in evals]
+    assert evals[0]["step"] == 0 and len(evals) >= 3 and margins == sorted(margins), margins
+    assert margins[-1] > 0.05 and evals[-1]["eval_reward_accuracy"] > 0.6, evals[-1]
+    assert "DPO" in stdout and "held-out preference pairs" in stdout
     generations = [json.loads(line) for line in open(summary["generations"])]
     assert len(generations) == 6 and all(g["completion_ids"] for g in generations)
     scores = [json.loads(line) for line in open(out / "mc_scores.jsonl")]

@@ -13,13 +13,14 @@ import ast
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGES = ("meditron_jax", "sharding", "train", "infer", "cli", "bench", "demo")
+PACKAGES = ("meditron_jax", "sharding", "train", "infer", "serve", "cli", "bench", "demo")
 # package -> our packages it must not import
 FORBIDDEN = {
-    "meditron_jax": {"sharding", "train", "infer", "cli", "bench", "demo"},
-    "sharding": {"train", "infer", "cli", "bench", "demo"},
-    "train": {"infer", "cli", "bench", "demo"},
-    "infer": {"train", "cli", "bench", "demo"},
+    "meditron_jax": {"sharding", "train", "infer", "serve", "cli", "bench", "demo"},
+    "sharding": {"train", "infer", "serve", "cli", "bench", "demo"},
+    "train": {"infer", "serve", "cli", "bench", "demo"},
+    "infer": {"train", "serve", "cli", "bench", "demo"},
+    "serve": {"train", "cli", "bench", "demo"},
     "cli": set(),
     "bench": {"demo"},
     "demo": {"bench"},

@@ -89,3 +89,35 @@ def test_decode_step_on_tpu():
     plan = make_plan(TINY, model="tiny", mode="infer", target="tpu:v6e:2x4",
                      mesh="data=4,tensor=2", batch=8, seq=128)
     assert plan.memory.fits and plan.device_kind == "TPU v6 lite"
+
+
+def test_context_parallel_train_step_on_v5p_4():
+    """A `context` axis splits each row's sequence (meditron_jax/kernels/context.py): one
+    row of 1024 tokens over 4 chips (the tiny model's 256 per chip), XLA blockwise attention
+    in shard_map, named on the plan's settings line; a length that 2 x context does not
+    divide, or splash asked for with it, is refused before compiling."""
+    seq = 1024
+    cfg = dataclasses.replace(TINY, max_position_embeddings=seq)
+    plan = make_plan(cfg, model="tiny", mode="train", target="tpu:v5p:2x2x1",
+                     mesh="context=4", batch=1, seq=seq)
+    assert plan.memory.fits and plan.mesh == "data=1,fsdp=1,context=4,tensor=1"
+    assert "context-parallel over context=4" in plan.format().splitlines()[1]
+    assert plan.flops > plan.model_flops   # remat recomputes the forward
+    with pytest.raises(UserError, match=r"sequence length 1020 is not divisible by 2 x "
+                                        r"context=4 \(= 8"):
+        make_plan(cfg, model="tiny", mode="train", target="tpu:v5p:2x2x1", mesh="context=4",
+                  batch=1, seq=seq - 4)
+    with pytest.raises(UserError, match="--attention splash cannot take a sequence split "
+                                        "over mesh axis context=4"):
+        make_plan(cfg, model="tiny", mode="train", target="tpu:v5p:2x2x1", mesh="context=4",
+                  batch=1, seq=seq, attention="splash")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("MEDITRON_TPU_8B_PLAN") != "1",
+                    reason="full 8B TPU compile; set MEDITRON_TPU_8B_PLAN=1")
+def test_8b_train_step_at_131072_tokens_fits_with_context_parallelism_on_v5p_4():
+    plan = make_plan(BIG, model="meditron3-8b", mode="train", target="tpu:v5p:2x2x1",
+                     mesh="context=4", batch=1, seq=131072, remat="full")
+    print("\n" + plan.format())
+    assert plan.memory.fits

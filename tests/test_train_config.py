@@ -48,7 +48,7 @@ def test_yaml_and_overrides(tmp_path):
     ("model:\n  verify: sometimes\n", [], r"model\.verify must be true or false"),
     ("model:\n  attention: flash\n", [], r"model\.attention must be one of auto, xla, splash, cudnn"),
     ("train: 5\n", [], r"train must be a mapping"),
-    ("data:\n  kind: rl\n", [], r"data\.kind must be one of pretrain, sft, got 'rl'"),
+    ("data:\n  kind: rl\n", [], r"data\.kind must be one of pretrain, sft, chat, preference, got 'rl'"),
     ("train:\n  batch_size: 6\n  grad_accum: 4\n", [], r"multiple of train\.grad_accum"),
     ("lora:\n  rank: 4\n  targets: [q, lm_head]\n", [], r"lora\.targets"),
     ("log:\n  eval_every: 10\n", [], r"log\.eval_every needs data\.eval_file"),

@@ -155,7 +155,7 @@ def check_meta(saved: dict, current: dict, where: str) -> None:
             shown = "; ".join(f"{k}: checkpoint {a.get(k)!r} vs run {b.get(k)!r}" for k in diff[:4])
             raise UserError(f"{where}: checkpoint was written for a different {section} ({shown}); "
                             "use a new output_dir or the run config that wrote it")
-    for key in ("seq_len", "batch_size", "data_kind"):
+    for key in ("seq_len", "batch_size", "data_kind", "objective"):
         if key in saved and saved.get(key) != current.get(key):
             log.warning("resuming %s with %s=%r (checkpoint had %r): the data order will differ "
                         "from an uninterrupted run", where, key, current.get(key), saved.get(key))

@@ -81,9 +81,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"train: stopped by {exc.signal} before training started; nothing to save",
               file=sys.stderr)
         return _status(exc.signal)
-    print(json.dumps({k: summary[k] for k in ("steps", "final_loss", "final_eval_loss",
-                                               "tokens_per_s", "mfu", "preempted", "signal",
-                                               "latest_checkpoint", "output_dir")}))
+    keys = ("steps", "final_loss", "final_eval_loss", "reward_margin", "reward_accuracy",
+            "eval_reward_margin", "eval_reward_accuracy", "tokens_per_s", "mfu", "preempted",
+            "signal", "latest_checkpoint", "output_dir")
+    print(json.dumps({k: summary[k] for k in keys if k in summary}))  # rewards: preference runs
     return _status(summary["signal"])
 
 

@@ -47,10 +47,12 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class DataSection:
-    kind: str = "pretrain"               # "pretrain" (text) or "sft" (prompt/completion)
+    kind: str = "pretrain"               # "pretrain" (text), "sft" (prompt/completion), "chat"
+                                         # or "preference" ({"prompt"|"messages", "chosen", "rejected"})
     train_files: tuple[str, ...] = ()
     eval_file: str | None = None
     tokenizer: str | None = None         # a tokenizer dir; "bpe:N" trains one; None: init_from's
+    chat_template: str | None = None     # kind chat: a .jinja file or tokenizer dir
     seq_len: int = 512
     overlong: str = "split"              # "split" or "truncate" examples longer than seq_len
     text_key: str = "text"               # JSONL field of pretraining documents
@@ -80,6 +82,10 @@ class TrainSection:
     seed: int = 0
     mesh: str = "fsdp=-1"
     rules: str = "train"
+    objective: str | None = None         # sft | dpo | ipo | orpo; None: what data.kind implies
+                                         # (dpo for preference pairs, sft otherwise)
+    beta: float = 0.1                    # DPO/IPO: strength of the pull towards the reference
+    orpo_lambda: float = 0.1             # ORPO: weight of the odds-ratio term beside the NLL
 
 
 @dataclass(frozen=True)
@@ -153,7 +159,7 @@ RANGES = {
     "optim.b1": _BELOW_ONE, "optim.b2": _BELOW_ONE, "optim.eps": _POSITIVE,
     "optim.clip_norm": _POSITIVE,
     "train.steps": _POSITIVE, "train.batch_size": _POSITIVE, "train.grad_accum": _POSITIVE,
-    "train.seed": _NON_NEGATIVE,
+    "train.seed": _NON_NEGATIVE, "train.beta": _POSITIVE, "train.orpo_lambda": _NON_NEGATIVE,
     "lora.rank": _NON_NEGATIVE, "lora.alpha": _POSITIVE,
     "checkpoint.every": _POSITIVE, "checkpoint.keep": _POSITIVE,
     "log.every": _POSITIVE, "log.eval_every": _NON_NEGATIVE, "log.eval_batches": _POSITIVE,
@@ -181,10 +187,11 @@ def validate(cfg: RunConfig) -> None:
     _choice("model.remat", m.remat, REMAT_POLICIES)
     from meditron_jax.kernels import ATTENTION
     _choice("model.attention", m.attention, ATTENTION)
-    _choice("data.kind", d.kind, ("pretrain", "sft"))
+    _choice("data.kind", d.kind, ("pretrain", "sft", "chat", "preference"))
     _choice("data.overlong", d.overlong, ("split", "truncate"))
     _choice("optim.decay", o.decay, ("cosine", "linear", "constant"))
     _choice("train.rules", t.rules, ("train", "infer"))
+    _check_objective(cfg)
     for key, value in (("output_dir", cfg.output_dir), ("data.text_key", d.text_key),
                        ("train.mesh", t.mesh)):
         if not value.strip():
@@ -197,6 +204,10 @@ def validate(cfg: RunConfig) -> None:
     if unknown or (lo.rank and not lo.targets):
         raise UserError(f"run config: lora.targets {list(lo.targets)} must be a non-empty "
                         f"subset of {', '.join(LORA_TARGETS)}")
+    if d.kind == "chat" and (d.tokenizer or "").startswith("bpe:"):
+        raise UserError(f"run config: data.tokenizer {d.tokenizer!r} cannot encode data.kind chat "
+                        "(it would be trained on the run's data); use a tokenizer directory, "
+                        "e.g. that of a run pretrained with bpe:N (model.init_from)")
     if log.eval_every and not d.eval_file:
         raise UserError("run config: log.eval_every needs data.eval_file (a held-out file)")
     if m.quantize is not None:
@@ -211,6 +222,31 @@ def validate(cfg: RunConfig) -> None:
         if lo.rank:
             raise UserError("run config: log.eval_quantize is for full fine-tuning; under LoRA "
                             "merge the adapters (export) and run eval --quantize int8")
+
+
+OBJECTIVES = ("sft", "dpo", "ipo", "orpo")
+PREFERENCE_OBJECTIVES = ("dpo", "ipo", "orpo")
+
+
+def objective(cfg: RunConfig) -> str:
+    """``train.objective``, or what ``data.kind`` implies (dpo for preference pairs)."""
+    if cfg.train.objective is not None:
+        return cfg.train.objective
+    return "dpo" if cfg.data.kind == "preference" else "sft"
+
+
+def _check_objective(cfg: RunConfig) -> None:
+    if cfg.train.objective is not None:
+        _choice("train.objective", cfg.train.objective, OBJECTIVES)
+    pairs, preference = cfg.data.kind == "preference", objective(cfg) in PREFERENCE_OBJECTIVES
+    if pairs != preference:
+        need = ("data.kind: preference (chosen/rejected pairs)" if preference
+                else "text or SFT data, not preference pairs (use dpo, ipo or orpo)")
+        raise UserError(f"run config: train.objective {objective(cfg)} needs {need}, got "
+                        f"data.kind {cfg.data.kind}")
+    if preference and cfg.log.eval_quantize is not None:
+        raise UserError("run config: log.eval_quantize is not available for preference "
+                        "objectives (dpo, ipo, orpo)")
 
 
 def _choice(name: str, value, choices) -> None:

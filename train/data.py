@@ -1,4 +1,4 @@
-"""Training data: documents or prompt/completion records -> packed fixed-length rows.
+"""Training data: documents, prompt/completion records or conversations -> packed rows.
 
 The pipeline is grain's (``MapDataset -> shuffle -> repeat -> flat_map -> first-fit
 pack -> batch``) because its iterators are checkpointable: ``get_state()`` is a small
@@ -11,10 +11,18 @@ shuffle each epoch).
   host ``i % process_count``), so a host loads only its part of the global batch.
 - An example is ``inputs = ids[:-1]``, ``targets = ids[1:]`` and ``weights`` (1 where
   the target is trained on: every token of a document; only completion tokens of an
-  SFT record). An example longer than ``seq_len`` is split into ``seq_len`` pieces or
-  truncated (``data.overlong``); both are counted over one pass and reported. A record
-  left with nothing to train on (an SFT prompt that fills ``seq_len`` under truncation)
-  is skipped; when every record is, the loader refuses to start (it would cycle forever).
+  SFT record; only the assistant turns of a conversation). An example longer than
+  ``seq_len`` is split into ``seq_len`` pieces or truncated (``data.overlong``); both are
+  counted over one pass and reported. A record left with nothing to train on (an SFT
+  prompt that fills ``seq_len`` under truncation) is skipped; when every record is, the
+  loader refuses to start (it would cycle forever).
+- Conversations (``data.kind: chat``, ``{"messages": [{"role", "content"}, ...]}``) are
+  rendered with a chat template (see :func:`chat_template_for`) and encoded when the
+  loader is built, so a template that fails on a record stops the run before training,
+  naming the file and line. Ids and loss mask are ``ChatTemplate.assistant_mask``'s:
+  transformers' ``apply_chat_template(..., return_assistant_tokens_mask=True)``, or for
+  a template without ``{% generation %}`` blocks (Llama-3.1's) what the model writes
+  after the generation prompt: each answer and its end-of-turn token.
 - First-fit packing never cuts an example across rows, so every segment starts at
   position 0 as it does at inference; segment id 0 marks padding (weight 0).
 """
@@ -29,7 +37,8 @@ import grain.experimental as gx
 import numpy as np
 
 from meditron_jax.errors import UserError
-from meditron_jax.jsonl import read_jsonl
+from meditron_jax.jsonl import read_json_file, read_jsonl
+from meditron_jax.tokenizer.chat import ChatTemplate, check_messages
 from train.config import DataSection
 
 log = logging.getLogger("meditron_jax.train")
@@ -61,10 +70,14 @@ def _records_of(path: str, dcfg: DataSection) -> list:
     if not path.endswith((".jsonl", ".json")):
         if dcfg.kind == "sft":
             raise UserError(f"{path}: SFT data must be JSONL with 'prompt' and 'completion'")
+        if dcfg.kind == "chat":
+            raise UserError(f'{path}: chat data must be JSONL with "messages" on every line')
         return _text_documents(path)
     out = []
     for line_no, rec in read_jsonl(path):
-        if dcfg.kind == "sft":
+        if dcfg.kind == "chat":
+            out.append(_conversation(rec, f"{path}:{line_no}"))
+        elif dcfg.kind == "sft":
             for key in ("prompt", "completion"):
                 if not isinstance(rec.get(key), str):
                     what = "has no" if key not in rec else "has a non-string"
@@ -83,6 +96,19 @@ def _records_of(path: str, dcfg: DataSection) -> list:
     return out
 
 
+def _conversation(rec: dict, where: str) -> tuple[list, str]:
+    """A chat record's messages, checked (roles, non-empty turns, an answer to train
+    on), and ``file:line`` for errors found when the template renders it."""
+    if "messages" not in rec:
+        raise UserError(f'{where}: chat record has no "messages"; every line needs '
+                        '{"messages": [{"role": "user", "content": "..."}, ...]}')
+    check_messages(rec["messages"], where)
+    if not any(m["role"] == "assistant" for m in rec["messages"]):
+        raise UserError(f"{where}: conversation has no assistant message, nothing to train "
+                        "on; end it with the answer to learn")
+    return rec["messages"], where
+
+
 def read_records(files, dcfg: DataSection, process_index: int = 0,
                  process_count: int = 1) -> list:
     """Validate every file completely; return this host's share of the records."""
@@ -92,11 +118,74 @@ def read_records(files, dcfg: DataSection, process_index: int = 0,
     for path in files:
         records.extend(_records_of(os.fspath(path), dcfg))
     if not records:
-        raise UserError(f"{', '.join(map(str, files))}: no {'records' if dcfg.kind == 'sft' else 'documents'} "
-                        "(the corpus is empty)")
+        what = "documents" if dcfg.kind == "pretrain" else "records"
+        raise UserError(f"{', '.join(map(str, files))}: no {what} (the corpus is empty)")
     if len(records) < process_count:
         raise UserError(f"{len(records)} records cannot be shared by {process_count} hosts")
     return records[process_index::process_count]
+
+
+# ---- chat templates ------------------------------------------------------------------------
+def chat_template_for(dcfg: DataSection, tokenizer, tokenizer_dir: str | None = None
+                      ) -> ChatTemplate:
+    """The template ``data.kind: chat`` renders with: ``data.chat_template`` (a .jinja
+    file, given the tokenizer's bos/eos tokens, or a tokenizer directory), else that of
+    ``tokenizer_dir`` (the run's tokenizer) or of ``data.tokenizer`` when a directory."""
+    spec = dcfg.chat_template
+    if spec and os.path.isdir(spec):
+        return _template_of_dir(spec)
+    if spec:
+        try:
+            with open(spec, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"data.chat_template {spec}: cannot read it "
+                            f"({getattr(exc, 'strerror', None) or exc}); give a .jinja file "
+                            "or a tokenizer directory") from None
+        return ChatTemplate(text, _special_token_strings(tokenizer), source=spec)
+    if tokenizer_dir is None and dcfg.tokenizer and os.path.isdir(dcfg.tokenizer):
+        tokenizer_dir = dcfg.tokenizer
+    if tokenizer_dir is None:
+        raise UserError("data.kind chat: no chat template; set data.chat_template to a .jinja "
+                        "file or a tokenizer directory that has one")
+    return _template_of_dir(tokenizer_dir)
+
+
+def _template_of_dir(path: str) -> ChatTemplate:
+    if not (os.path.isfile(os.path.join(path, "chat_template.jinja"))
+            or os.path.isdir(os.path.join(path, "chat_templates"))
+            or _json_object(os.path.join(path, "tokenizer_config.json")).get("chat_template")):
+        raise UserError(f"{path} has no chat template (a base model); for data.kind chat set "
+                        "data.chat_template to a .jinja file or an instruct model's tokenizer "
+                        "directory, or use data.kind sft with prompt/completion records")
+    return ChatTemplate.from_dir(path)
+
+
+def _json_object(path: str) -> dict:
+    value = read_json_file(path, {})
+    return value if isinstance(value, dict) else {}
+
+
+def _special_token_strings(tokenizer) -> dict[str, str]:
+    """``bos_token``/``eos_token`` for a template read from a file, as the tokenizer has them."""
+    out = {}
+    for name, token_id in (("bos_token", tokenizer.bos_id),
+                           ("eos_token", (tokenizer.eos_ids or (None,))[0])):
+        if token_id is not None:
+            out[name] = tokenizer.decode([token_id], skip_special_tokens=False)
+    return out
+
+
+def encode_conversations(records: list, tokenizer, template: ChatTemplate) -> list:
+    """``(messages, "file:line")`` records -> ``(ids, assistant mask)`` arrays."""
+    out = []
+    for messages, where in records:
+        ids, mask = template.assistant_mask(tokenizer, messages, where=where)
+        if not any(mask):
+            raise UserError(f"{where}: the chat template of {template.source} leaves no "
+                            "assistant token to train on in this conversation")
+        out.append((np.asarray(ids, np.int32), np.asarray(mask, np.int8)))
+    return out
 
 
 # ---- tokenizing into examples --------------------------------------------------------------
@@ -105,7 +194,8 @@ class ExampleBuilder(gx.FlatMapTransform):
 
     ``counts`` describes one pass over the ``num_records`` records (the first; later
     epochs see the same records again): how many were read, longer than seq_len, and
-    left with nothing to train on (an SFT prompt that fills seq_len under truncation).
+    left with nothing to train on (an SFT prompt, or the turns before a conversation's
+    first answer, that fills seq_len under truncation). Chat records come encoded.
     """
 
     def __init__(self, tokenizer, eos_id: int, dcfg: DataSection, num_records: int,
@@ -116,6 +206,8 @@ class ExampleBuilder(gx.FlatMapTransform):
 
     def ids_and_weights(self, record) -> tuple[list[int], list[float]]:
         enc = self.tokenizer.encode
+        if self.dcfg.kind == "chat":
+            return record  # (ids, mask) from encode_conversations
         if self.dcfg.kind == "sft":
             prompt, completion = record
             p = enc(prompt, add_bos=True)
@@ -137,7 +229,7 @@ class ExampleBuilder(gx.FlatMapTransform):
         for s in range(0, len(inputs), seq):
             piece = {"inputs": inputs[s:s + seq], "targets": targets[s:s + seq],
                      "weights": weights[s:s + seq]}
-            if piece["weights"].any():  # an SFT piece holding only prompt trains nothing
+            if piece["weights"].any():  # a piece holding only prompt trains nothing
                 pieces.append(piece)
         return pieces, n
 
@@ -159,9 +251,9 @@ class ExampleBuilder(gx.FlatMapTransform):
                             "the run summary counts them", self.name, n, seq,
                             "splitting" if self.dcfg.overlong == "split" else "truncating")
             if not pieces and c["unfit"] == 1:
-                log.warning("%s data: a prompt fills seq_len=%d, leaving its record nothing to "
+                log.warning("%s data: %s seq_len=%d, leaving its record nothing to "
                             "train on; skipping it (and others like it: the run summary counts "
-                            "them)", self.name, seq)
+                            "them)", self.name, self._prompt_fills, seq)
         return pieces
 
     def report(self) -> str | None:
@@ -176,9 +268,14 @@ class ExampleBuilder(gx.FlatMapTransform):
         if c["dropped_tokens"]:
             line += f" ({c['dropped_tokens']} tokens dropped per pass)"
         if c["unfit"]:
-            line += (f"; {c['unfit']} of them kept nothing to train on (the prompt fills "
+            line += (f"; {c['unfit']} of them kept nothing to train on ({self._prompt_fills} "
                      "seq_len) and were skipped")
         return line
+
+    @property
+    def _prompt_fills(self) -> str:
+        return ("the turns before the first answer fill" if self.dcfg.kind == "chat"
+                else "the prompt fills")
 
 
 # ---- the loader ------------------------------------------------------------------------
@@ -186,12 +283,18 @@ class Loader:
     """Infinite iterator of this host's rows of each global batch, as numpy arrays
     ``inputs, targets, weights, segment_ids, positions`` of shape [local_batch, seq_len].
 
-    ``source`` (the files the records came from) names them in errors.
+    ``source`` (the files the records came from) names them in errors. Conversations
+    are rendered with ``chat_template``, by default :func:`chat_template_for`'s.
     """
 
     def __init__(self, records: list, tokenizer, eos_id: int, dcfg: DataSection,
                  local_batch: int, shuffle: bool | None = None, name: str = "train",
-                 source: str = "data"):
+                 source: str = "data", chat_template: ChatTemplate | None = None):
+        if dcfg.kind == "chat":
+            template = chat_template or chat_template_for(dcfg, tokenizer)
+            records = encode_conversations(records, tokenizer, template)
+            log.info("%s data: %d conversations rendered with the chat template of %s",
+                     name, len(records), template.source)
         self.builder = ExampleBuilder(tokenizer, eos_id, dcfg, len(records), name)
         _check_something_fits(self.builder, records, source)
         ds = grain.MapDataset.source(records)
@@ -238,7 +341,8 @@ def _check_something_fits(builder: ExampleBuilder, records: list, source: str) -
     if any(builder.examples(r)[0] for r in records):
         return
     d = builder.dcfg
-    prompts = [builder.ids_and_weights(r)[1].index(1.0) for r in records]  # leading 0 weights
+    prompts = [int(np.argmax(np.asarray(builder.ids_and_weights(r)[1]) > 0))  # leading 0s
+               for r in records]
     raise UserError(f"{source}: no record has anything to train on within data.seq_len="
                     f"{d.seq_len} with data.overlong={d.overlong}: every prompt fills the row "
                     f"(longest prompt {max(prompts)} tokens, shortest {min(prompts)}); raise "

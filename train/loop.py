@@ -24,17 +24,18 @@ from meditron_jax import atomic
 from meditron_jax.errors import UserError
 from meditron_jax.model.lora import init_lora, save_adapters
 from meditron_jax.model import abstract_params
-from sharding import (PRESETS, activation_constrainer, check_batch, check_model_fits, step_kernels,
+from sharding import (PRESETS, activation_constrainer, check_batch, check_model_fits, check_sequence,
+                      step_kernels,
                       describe, init_sharded, make_mesh, param_shardings)
 from train import setup
 from train.checkpoints import Checkpointer, Preemption
-from train.config import RunConfig
+from train.config import RunConfig, objective as objective_of
 from train.metrics import (MetricsWriter, Throughput, peak_flops, plot_losses, read_metrics,
                            train_flops_per_token)
 from train.optim import make_optimizer, schedule
 from train.step import (StepOptions, abstract_state, batch_shardings, init_state,
                         jit_eval_step, jit_train_step, make_eval_step, make_train_step,
-                        state_shardings)
+                        reference_dtype, state_shardings)
 
 class TrainingDiverged(UserError):
     """A non-finite loss or gradient norm."""
@@ -104,11 +105,12 @@ def _train(run: RunConfig, out: str, preemption: Preemption) -> dict:
     mesh, rules = make_mesh(run.train.mesh), PRESETS[run.train.rules]
     check_model_fits(cfg, mesh, rules)
     check_batch(run.train.batch_size // run.train.grad_accum, mesh, rules)
+    check_sequence(run.data.seq_len, mesh, rules)
     if run.data.seq_len > cfg.max_position_embeddings:
         raise UserError(f"data.seq_len {run.data.seq_len} exceeds the model's "
                         f"max_position_embeddings ({cfg.max_position_embeddings})")
     tok, eos, tok_dir = setup.tokenizer_for(run, cfg)
-    data = setup.make_data(run, tok, eos)  # every data file validated before any compile
+    data = setup.make_data(run, tok, eos, tok_dir)  # every data file validated before any compile
     kernels = step_kernels(run.model.attention, mesh, rules, packed=True,  # chosen once, logged
                            dtype=setup.DTYPES[run.model.compute_dtype], head_dim=cfg.head_dim)
     if jax.process_index() == 0:
@@ -119,11 +121,15 @@ def _train(run: RunConfig, out: str, preemption: Preemption) -> dict:
     param_dtype = setup.DTYPES[run.model.param_dtype]
     optimizer = make_optimizer(run.optim, run.train.steps)
     lr = schedule(run.optim, run.train.steps)
+    objective = objective_of(run)
     opts = StepOptions(grad_accum=run.train.grad_accum,
                        compute_dtype=setup.DTYPES[run.model.compute_dtype],
                        remat=run.model.remat, kernels=kernels,
-                       loss_chunk=run.model.loss_chunk, lora=lcfg)
-    abstract = abstract_state(cfg, optimizer, param_dtype, lcfg)
+                       loss_chunk=run.model.loss_chunk, lora=lcfg, objective=objective,
+                       beta=run.train.beta, orpo_lambda=run.train.orpo_lambda)
+    # DPO/IPO under full fine-tuning: the initial weights, frozen, as the reference
+    ref_dtype = reference_dtype(objective, lcfg, opts.compute_dtype)
+    abstract = abstract_state(cfg, optimizer, param_dtype, lcfg, ref_dtype)
     shardings = state_shardings(cfg, abstract, mesh, rules, lcfg)
     constrain = activation_constrainer(mesh, rules)
     train_step = jit_train_step(make_train_step(cfg, optimizer, lr, opts, constrain),
@@ -143,11 +149,14 @@ def _train(run: RunConfig, out: str, preemption: Preemption) -> dict:
         data.train.set_state(data_state)
         if lcfg is not None:
             state.frozen = _load_base(run, cfg, mesh, rules, param_dtype)
+        elif ref_dtype is not None:  # the reference is the initial weights, never saved
+            state.frozen = _load_base(run, cfg, mesh, rules, ref_dtype)
     else:
         base = _load_base(run, cfg, mesh, rules, param_dtype)
         if lcfg is None:
-            state = jax.jit(lambda p: init_state(p, optimizer), out_shardings=shardings,
-                            donate_argnums=0)(base)
+            state = jax.jit(lambda p: init_state(p, optimizer, None if ref_dtype is None else
+                                                 jax.tree.map(lambda x: x.astype(ref_dtype), p)),
+                            out_shardings=shardings, donate_argnums=0)(base)
         else:
             key = jax.random.fold_in(jax.random.key(run.train.seed), 1)
             state = jax.jit(lambda k, f: init_state(init_lora(cfg, lcfg, k), optimizer, f),
@@ -158,10 +167,12 @@ def _train(run: RunConfig, out: str, preemption: Preemption) -> dict:
     writer = MetricsWriter(out, run.train.steps, start, progress=run.log.progress,
                            tensorboard=run.log.tensorboard)
     writer.message(f"train: {cfg.num_params() / 1e6:.1f}M params{' (LoRA r=%d)' % lcfg.rank if lcfg else ''}, "
-                   f"mesh {describe(mesh)}, batch {run.train.batch_size}x{run.data.seq_len}, "
+                   f"mesh {describe(mesh)}, batch {run.train.batch_size}"
+                   f"{' pairs x 2' if objective != 'sft' else ''}x{run.data.seq_len}, "
+                   f"{objective + ' (beta %g), ' % run.train.beta if objective in ('dpo', 'ipo') else ''}"
                    f"{kernels.describe()}"
                    f"{f', resuming from step {start}' if latest is not None else ''}")
-    throughput = Throughput(train_flops_per_token(cfg, run.data.seq_len, lcfg),
+    throughput = Throughput(train_flops_per_token(cfg, run.data.seq_len, lcfg, objective),
                             peak_flops(mesh.devices.flat, run.model.compute_dtype,
                                        run.log.cpu_peak_flops))
     writer.message(f"train: {throughput.describe()}")
@@ -184,11 +195,16 @@ def _train(run: RunConfig, out: str, preemption: Preemption) -> dict:
                     "optim.clip_norm and rerun (it resumes from there)")
             last = {"step": step, **m, "tokens_per_s": rate, "mfu": throughput.mfu(rate),
                     "data_overlong": data.train.counts["overlong"]}
+            if objective != "sft":
+                last["data_unfit"] = data.train.counts["unfit"]
             if rate is not None:
                 rates.append(rate)
             if run.log.eval_every and data.eval_batches and (
                     step % run.log.eval_every == 0 or step == run.train.steps):
-                last["eval_loss"] = _evaluate(eval_step, state, data.eval_batches, bsh)
+                if objective != "sft":
+                    last.update(_evaluate_pairs(eval_step, state, data.eval_batches, bsh))
+                else:
+                    last["eval_loss"] = _evaluate(eval_step, state, data.eval_batches, bsh)
                 if eval_q_step is not None:
                     last[f"eval_loss_{eval_q}"] = _evaluate(eval_q_step, state,
                                                             data.eval_batches, bsh)
@@ -223,6 +239,19 @@ def _evaluate(eval_step, state, batches, bsh) -> float:
     return nll / max(count, 1.0)
 
 
+def _evaluate_pairs(eval_step, state, batches, bsh) -> dict:
+    """Held-out preference metrics (eval_loss, eval_reward_margin, ...), pairs-weighted."""
+    totals: dict = {}
+    pairs = 0.0
+    for b in batches:
+        m = {k: float(v) for k, v in jax.device_get(eval_step(state, _global(b, bsh))).items()}
+        n = m.pop("pairs")
+        pairs += n
+        for k, v in m.items():
+            totals[k] = totals.get(k, 0.0) + v * n
+    return {f"eval_{k}": v / max(pairs, 1.0) for k, v in totals.items()}
+
+
 def _line(r: dict) -> str:
     parts = [f"step {r['step']}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.2e}",
              f"grad_norm {r['grad_norm']:.3f}"]
@@ -230,8 +259,13 @@ def _line(r: dict) -> str:
         parts.append(f"{r['tokens_per_s']:.0f} tok/s")
     if r.get("mfu") is not None:
         parts.append(f"MFU {100 * r['mfu']:.1f}%")
+    if "reward_margin" in r:
+        parts.append(f"margin {r['reward_margin']:.3f} acc {r['reward_accuracy']:.2f}")
     if "eval_loss" in r:
         parts.append(f"eval_loss {r['eval_loss']:.4f}")
+    if "eval_reward_margin" in r:
+        parts.append(f"eval margin {r['eval_reward_margin']:.3f} "
+                     f"acc {r['eval_reward_accuracy']:.2f}")
     if "eval_loss_int8" in r:
         parts.append(f"eval_loss_int8 {r['eval_loss_int8']:.4f}")
     return "  ".join(parts)
@@ -268,6 +302,9 @@ def _finish(run, cfg, out, state, lcfg, ckpt, writer, last, start, step, stopped
         "final_loss": last.get("loss"), "final_eval_loss": last.get("eval_loss"),
         **({"final_eval_loss_int8": last.get("eval_loss_int8")}
            if run.log.eval_quantize else {}),
+        **({key: last.get(key) for key in ("reward_margin", "reward_accuracy",
+                                           "eval_reward_margin", "eval_reward_accuracy")}
+           if objective_of(run) != "sft" else {}),
         "tokens_per_s": rate, "mfu": mfu,
         "metrics": writer.path, "loss_plot": plot, "tensorboard": writer.tb_dir,
         "checkpoints": ckpt.directory, "latest_checkpoint": ckpt.latest_step(),

@@ -109,7 +109,8 @@ def _fastest_matmul(dtype_name: str) -> tuple[float, str]:
     return max(rates)
 
 
-def train_flops_per_token(cfg: LlamaConfig, seq_len: int, lora: LoraConfig | None = None) -> float:
+def train_flops_per_token(cfg: LlamaConfig, seq_len: int, lora: LoraConfig | None = None,
+                          objective: str = "sft") -> float:
     """Model FLOPs per trained token, what MFU counts. Full fine-tuning: 3x the forward
     (``LlamaConfig.flops_per_token``): the forward, the activation gradients and the
     weight gradients cost 2 FLOPs per matmul weight and token each, attention 3x its
@@ -117,8 +118,11 @@ def train_flops_per_token(cfg: LlamaConfig, seq_len: int, lora: LoraConfig | Non
     less), and each adapter parameter costs 6 (forward, activation and weight gradient
     of ``x·a·b``). Not counted, as remat's recomputation is not: the extra work of this
     implementation, which merges the adapters into each layer's weights and so also
-    forms the adapted weights' gradient and the merge products."""
+    forms the adapted weights' gradient and the merge products. DPO and IPO add the
+    reference's forward (2 per weight and token, plus attention)."""
     full = cfg.flops_per_token(seq_len, training=True)
+    if objective in ("dpo", "ipo"):
+        full += cfg.flops_per_token(seq_len, training=False)
     if lora is None:
         return full
     weights = cfg.flops_per_token(0, training=False)  # 2 per matmul weight: no attention

@@ -20,8 +20,8 @@ from meditron_jax.errors import UserError
 from meditron_jax.model.lora import LoraConfig
 from meditron_jax.tokenizer import Tokenizer
 from train import bpe
-from train.config import RunConfig
-from train.data import Loader, fixed_batches, read_records
+from train.config import RunConfig, objective
+from train.data import Loader, chat_template_for, fixed_batches, read_records
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 RUN_META = "train_run.json"  # marks a training output dir usable as model.init_from
@@ -71,7 +71,11 @@ def tokenizer_for(run: RunConfig, cfg: LlamaConfig) -> tuple[Tokenizer, int, str
     if spec and bpe.parse_spec(spec):
         path = os.path.join(run.output_dir, "tokenizer")
         if not os.path.exists(os.path.join(path, "tokenizer.json")):
-            texts = read_records(run.data.train_files, run.data)
+            if run.data.kind == "preference":
+                from train.preference import pair_texts, read_pairs
+                texts = [t for p in read_pairs(run.data.train_files, run.data) for t in pair_texts(p)]
+            else:
+                texts = read_records(run.data.train_files, run.data)
             if run.data.kind == "sft":
                 texts = [p + c for p, c in texts]
             if jax.process_index() == 0:
@@ -118,22 +122,43 @@ class Data:
     local_batch: int
 
 
-def make_data(run: RunConfig, tok: Tokenizer, eos: int) -> Data:
+def make_data(run: RunConfig, tok: Tokenizer, eos: int, tok_dir: str | None = None) -> Data:
     """Validate every data file, then build this host's loader and eval batches."""
     n_proc, pid = jax.process_count(), jax.process_index()
     if run.train.batch_size % n_proc:
         raise UserError(f"train.batch_size {run.train.batch_size} is not divisible by the "
                         f"{n_proc} processes")
     local = run.train.batch_size // n_proc
+    if run.data.kind == "preference":
+        return _pair_data(run, tok, eos, local, tok_dir)
     records = read_records(run.data.train_files, run.data, pid, n_proc)
+    template = chat_template_for(run.data, tok, tok_dir) if run.data.kind == "chat" else None
     eval_batches = []
     if run.data.eval_file:
         held_out = read_records([run.data.eval_file], run.data, pid, n_proc)
         eval_loader = Loader(held_out, tok, eos, run.data, local, shuffle=False, name="eval",
-                             source=run.data.eval_file)
+                             source=run.data.eval_file, chat_template=template)
         eval_batches = fixed_batches(eval_loader, run.log.eval_batches)
-    return Data(Loader(records, tok, eos, run.data, local,
+    return Data(Loader(records, tok, eos, run.data, local, chat_template=template,
                        source=", ".join(run.data.train_files)), eval_batches, local)
+
+
+def _pair_data(run: RunConfig, tok: Tokenizer, eos: int, local: int, tok_dir: str | None) -> Data:
+    """Preference pairs (train.preference): [local, 2, seq_len] batches."""
+    import functools
+
+    from train.preference import PairLoader, load_template, read_pairs
+    n_proc, pid = jax.process_count(), jax.process_index()
+    template = functools.cache(lambda: load_template(run.data, tok_dir))
+    pairs = read_pairs(run.data.train_files, run.data, template, pid, n_proc)
+    eval_batches = []
+    if run.data.eval_file:
+        held_out = read_pairs([run.data.eval_file], run.data, template, pid, n_proc)
+        eval_loader = PairLoader(held_out, tok, eos, run.data, local, shuffle=False, name="eval",
+                                 source=run.data.eval_file)
+        eval_batches = fixed_batches(eval_loader, run.log.eval_batches)
+    return Data(PairLoader(pairs, tok, eos, run.data, local,
+                           source=", ".join(run.data.train_files)), eval_batches, local)
 
 
 def run_meta(run: RunConfig, cfg: LlamaConfig, lora: LoraConfig | None) -> dict:
@@ -142,4 +167,4 @@ def run_meta(run: RunConfig, cfg: LlamaConfig, lora: LoraConfig | None) -> dict:
             "lora": {"rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets)}
             if lora else {},
             "seq_len": run.data.seq_len, "batch_size": run.train.batch_size,
-            "data_kind": run.data.kind}
+            "data_kind": run.data.kind, "objective": objective(run)}

@@ -7,7 +7,8 @@ are float32; the forward casts each layer's weights to the compute dtype (bf16).
 
 A batch is a dict of [B, T] arrays: ``inputs`` and ``targets`` (int32), ``weights``
 (float32; 0 on padding and on SFT prompt tokens), ``segment_ids`` and ``positions``
-(int32; packed rows). Gradient accumulation splits B into ``grad_accum`` micro-batches
+(int32; packed rows); preference objectives (dpo, ipo, orpo: :mod:`train.objectives`)
+take the same keys as [B, 2, T] pairs. Gradient accumulation splits B into ``grad_accum`` micro-batches
 and divides the summed gradients by the total weight once, so 4 micro-batches of B
 give the same update as one batch of 4B.
 """
@@ -54,6 +55,9 @@ class StepOptions:
     kernels: Kernels = XLA         # attention path (sharding.step_kernels), fixed per step
     loss_chunk: int = 1024         # sequence positions per logits chunk (vocab is large)
     lora: LoraConfig | None = None
+    objective: str = "sft"         # sft, or dpo | ipo | orpo on pair batches (train.objectives)
+    beta: float = 0.1              # dpo / ipo
+    orpo_lambda: float = 0.1       # orpo
 
 
 def chunked_loss_sums(params, hidden, targets, weights, cfg: LlamaConfig, chunk: int,
@@ -182,8 +186,23 @@ def make_loss_sums(cfg: LlamaConfig, opts: StepOptions, constrain=None) -> Calla
     return loss_sums
 
 
+def micro_batches(batch: dict, accum: int, constrain=None) -> dict:
+    """[B, ...] arrays -> [accum, B/accum, ...]. Row i*accum + j goes to micro-batch j, so
+    every micro-batch keeps the batch's sharding over the data axes (a contiguous split
+    would not)."""
+    def split(x):
+        x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:])
+        if constrain is not None:
+            x = constrain(x, ("batch", None) + (None,) * (x.ndim - 3) + ("seq",))
+        return x.swapaxes(0, 1)
+    return jax.tree.map(split, batch)
+
+
 def make_train_step(cfg: LlamaConfig, optimizer: optax.GradientTransformation,
                     lr_schedule: optax.Schedule, opts: StepOptions, constrain=None) -> Callable:
+    if opts.objective != "sft":  # preference pairs
+        from train.objectives import make_preference_step
+        return make_preference_step(cfg, optimizer, lr_schedule, opts, constrain)
     loss_sums = make_loss_sums(cfg, opts, constrain)
     grad_fn = jax.value_and_grad(lambda p, f, b: loss_sums(p, f, b), has_aux=True)
     accum = opts.grad_accum
@@ -196,14 +215,7 @@ def make_train_step(cfg: LlamaConfig, optimizer: optax.GradientTransformation,
         if accum == 1:
             nll, count, grads = sums_and_grads(state.params, state.frozen, batch)
         else:
-            # Row i*accum + j goes to micro-batch j, so every micro-batch keeps the
-            # batch's sharding over the data axes (a contiguous split would not).
-            def split(x):
-                x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:])
-                if constrain is not None:
-                    x = constrain(x, ("batch", None, "seq"))
-                return x.swapaxes(0, 1)
-            micro = jax.tree.map(split, batch)
+            micro = micro_batches(batch, accum, constrain)
 
             def body(carry, mb):
                 nll_acc, count_acc, grads_acc = carry
@@ -234,6 +246,9 @@ def make_eval_step(cfg: LlamaConfig, opts: StepOptions, constrain=None,
     ("int8", full fine-tuning only): on an int8 copy of the current weights
     (:func:`meditron_jax.model.quant.quantize_params`, made inside the step and dropped
     after it), the loss inference with ``--quantize int8`` would see."""
+    if opts.objective != "sft":  # preference pairs: a dict of held-out metrics
+        from train.objectives import make_preference_eval
+        return make_preference_eval(cfg, opts, constrain)
     loss_sums = make_loss_sums(cfg, opts, constrain)
     if quantize is None:
         return lambda state, batch: loss_sums(state.params, state.frozen, batch)
@@ -255,10 +270,14 @@ def init_state(params, optimizer: optax.GradientTransformation, frozen=None) -> 
 
 
 def abstract_state(cfg: LlamaConfig, optimizer: optax.GradientTransformation,
-                   param_dtype=jnp.float32, lora: LoraConfig | None = None) -> TrainState:
+                   param_dtype=jnp.float32, lora: LoraConfig | None = None,
+                   reference_dtype=None) -> TrainState:
+    """``reference_dtype`` (full fine-tuning with a DPO/IPO reference): ``frozen`` holds
+    the initial weights in that dtype."""
     base = abstract_params(cfg, param_dtype)
     if lora is None:
-        return jax.eval_shape(lambda p: init_state(p, optimizer), base)
+        ref = None if reference_dtype is None else abstract_params(cfg, reference_dtype)
+        return jax.eval_shape(lambda p, r: init_state(p, optimizer, r), base, ref)
     adapters = jax.eval_shape(lambda: init_lora(cfg, lora, jax.random.key(0)))
     return jax.eval_shape(lambda a, f: init_state(a, optimizer, f), adapters, base)
 
@@ -273,7 +292,7 @@ def state_shardings(cfg: LlamaConfig, abstract: TrainState, mesh: Mesh, rules: R
         step=replicated(mesh),
         params=trained,
         opt_state=derived_shardings(abstract.opt_state, abstract.params, trained, mesh),
-        frozen=None if lora is None else base,
+        frozen=None if lora is None and abstract.frozen is None else base,
     )
 
 
@@ -281,9 +300,11 @@ def batch_shardings(mesh: Mesh, rules: Rules) -> dict:
     return {k: batch_sharding(mesh, rules) for k in BATCH_KEYS}
 
 
-def abstract_batch(batch: int, seq: int, mesh: Mesh, rules: Rules) -> dict:
+def abstract_batch(batch: int, seq: int, mesh: Mesh, rules: Rules, pairs: bool = False) -> dict:
+    """[batch, seq] rows, or with ``pairs`` [batch, 2, seq] (chosen, rejected)."""
     sh = batch_sharding(mesh, rules)
-    return {k: jax.ShapeDtypeStruct((batch, seq), _BATCH_DTYPES.get(k, jnp.int32), sharding=sh)
+    shape = (batch, 2, seq) if pairs else (batch, seq)
+    return {k: jax.ShapeDtypeStruct(shape, _BATCH_DTYPES.get(k, jnp.int32), sharding=sh)
             for k in BATCH_KEYS}
 
 
@@ -307,20 +328,30 @@ def abstract_train_step(cfg: LlamaConfig, mesh: Mesh, rules: Rules, *, batch: in
                         remat: str = "full", param_dtype=jnp.float32,
                         compute_dtype=jnp.bfloat16, grad_accum: int = 1,
                         lora: LoraConfig | None = None, optim: OptimSection | None = None,
-                        attention: str = "auto"):
+                        attention: str = "auto", objective: str = "sft"):
     """The real train step and ShapeDtypeStructs (with shardings) of its arguments, so
-    ``fn.lower(*args).compile()`` plans memory and FLOPs without allocating anything."""
+    ``fn.lower(*args).compile()`` plans memory and FLOPs without allocating anything.
+    ``objective`` dpo/ipo/orpo: the preference step on ``batch`` pairs of two ``seq`` rows
+    (dpo/ipo with full fine-tuning: the reference weights, in the compute dtype, too)."""
     check_batch(batch // grad_accum, mesh, rules)
     optim = optim or OptimSection()
     optimizer = make_optimizer(optim, total_steps=1000)
     opts = StepOptions(grad_accum=grad_accum, compute_dtype=compute_dtype, remat=remat,
                        kernels=step_kernels(attention, mesh, rules, packed=True,
                                             dtype=compute_dtype, head_dim=cfg.head_dim),
-                       lora=lora)
-    abstract = abstract_state(cfg, optimizer, param_dtype, lora)
+                       lora=lora, objective=objective)
+    abstract = abstract_state(cfg, optimizer, param_dtype, lora,
+                              reference_dtype(objective, lora, compute_dtype))
     shardings = state_shardings(cfg, abstract, mesh, rules, lora)
     step = make_train_step(cfg, optimizer, schedule(optim, 1000), opts,
                            activation_constrainer(mesh, rules))
     fn = jit_train_step(step, shardings, mesh, rules)
-    return fn, (with_shardings(abstract, shardings), abstract_batch(batch, seq, mesh, rules))
+    return fn, (with_shardings(abstract, shardings),
+                abstract_batch(batch, seq, mesh, rules, pairs=objective != "sft"))
+
+
+def reference_dtype(objective: str, lora: LoraConfig | None, compute_dtype):
+    """The dtype of a separate reference copy: only full fine-tuning with dpo/ipo keeps
+    one (LoRA's reference is the frozen base; sft and orpo need none)."""
+    return compute_dtype if objective in ("dpo", "ipo") and lora is None else None
 

@@ -13,6 +13,11 @@ the environment. Two calls exist:
 - ``cached_attention(q, k, v, mask)``: queries against the KV cache [B,K,S,H] (decoding,
   continuing a cache): XLA on every backend.
 
+Context parallelism (:mod:`.context`): on a mesh whose ``context`` axis splits the
+sequence, ``causal_attention`` runs blockwise XLA attention in ``shard_map`` over all-gathered
+keys/values, and :meth:`Kernels.for_sequence` gives the decoder the load-balanced token order
+of a forward (splash and cuDNN take no sequence shards: asking for them is an error).
+
 ``auto`` picks splash on TPU, cuDNN on GPU where it can take the inputs (bfloat16/float16,
 one document per row: inference; :mod:`.cudnn` says why not otherwise), XLA elsewhere;
 the choice and its reason go to the ``meditron_jax.kernels`` logger and into the run's
@@ -42,9 +47,16 @@ class Kernels:
     batch_axes: tuple[str, ...] = ()  # splash: mesh axes of the batch dim
     head_axis: str | None = None      # splash: mesh axis of the heads dim
     interpret: bool = False           # splash: Pallas' interpreter (tests on CPU)
+    context_axis: str | None = None   # context parallelism: the mesh axis splitting the sequence
+    balanced: bool = True             # context: tokens in the load-balanced order (.context)
 
     def causal_attention(self, q: jax.Array, k: jax.Array, v: jax.Array,
                          segment_ids: jax.Array) -> jax.Array:
+        if self.context_axis is not None:
+            from meditron_jax.kernels import context
+            return context.context_attention(
+                q, k, v, segment_ids, mesh=self.mesh, axis=self.context_axis,
+                batch_axes=self.batch_axes, head_axis=self.head_axis, balanced=self.balanced)
         if self.attention == "splash":
             from meditron_jax.kernels import splash
             if q.shape[1] % splash.LANES == 0:
@@ -62,12 +74,37 @@ class Kernels:
                          mask: jax.Array) -> jax.Array:
         return xla.cached_attention(q, k, v, mask)
 
+    @property
+    def context_shards(self) -> int:
+        return self.mesh.shape[self.context_axis] if self.context_axis is not None else 1
+
+    def for_sequence(self, t: int, *, cache: bool = False, prefill: bool = False):
+        """``(kernels, order)`` for one forward over ``t`` tokens: without a cache (training,
+        scoring) the tokens run in the load-balanced order ``order`` (its ``arrange`` applied to
+        tokens, positions and segment ids, its ``restore`` to the final hidden states); a
+        prefill keeps the natural order (the cache is written in it); decoding never uses the
+        context path. Without context parallelism: these kernels, the identity order."""
+        from meditron_jax.kernels import context
+        if self.context_axis is None or (cache and not prefill):
+            return self, context.SequenceOrder(1)
+        context.check_length(t, self.context_shards)
+        if cache:
+            return dataclasses.replace(self, balanced=False), context.SequenceOrder(1)
+        return self, context.SequenceOrder(self.context_shards)
+
     def describe(self) -> str:
-        return f"attention {self.attention} ({self.reason})"
+        text = f"attention {self.attention} ({self.reason})"
+        if self.context_axis is not None:
+            text += (f", context-parallel over {self.context_axis}={self.context_shards} "
+                     "(all-gathered K/V, blockwise, load-balanced)")
+        return text
 
     def record(self) -> dict:
         """What the run records (``train_run.json``)."""
-        return {"attention": self.attention, "reason": self.reason}
+        out = {"attention": self.attention, "reason": self.reason}
+        if self.context_axis is not None:
+            out["context"] = {"axis": self.context_axis, "shards": self.context_shards}
+        return out
 
 
 XLA = Kernels()
@@ -84,16 +121,26 @@ def platform_of(mesh: Mesh | None) -> str:
 def select(attention: str = "auto", *, mesh: Mesh | None = None,
            batch_axes: tuple[str, ...] = (), head_axis: str | None = None,
            platform: str | None = None, interpret: bool = False, dtype=None,
-           head_dim: int | None = None, packed: bool = False) -> Kernels:
+           head_dim: int | None = None, packed: bool = False,
+           context_axis: str | None = None) -> Kernels:
     """The kernels for a step on ``mesh`` (or one device of ``platform``); ``attention``
     is ``auto`` or a name from :data:`ATTENTION` (the ``--attention`` flag, the run
     config's ``model.attention``). ``dtype``/``head_dim`` (the compute dtype and the model's
     head dim) and ``packed`` (rows holding several documents: training) decide whether
-    cuDNN can take the step. Logged once per call."""
+    cuDNN can take the step. ``context_axis``: the mesh axis the sequence is split over
+    (context parallelism, XLA blockwise attention; size 1 or None: none). Logged once per call."""
     if attention not in ATTENTION:
         raise UserError(f"unknown attention {attention!r}; choose one of {', '.join(ATTENTION)}")
     platform = platform or platform_of(mesh)
-    if attention == "auto":
+    if context_axis is not None and (mesh is None or dict(mesh.shape).get(context_axis, 1) == 1):
+        context_axis = None
+    if context_axis is not None:
+        shards = mesh.shape[context_axis]
+        if attention in ("splash", "cudnn"):
+            raise UserError(f"--attention {attention} cannot take a sequence split over mesh "
+                            f"axis {context_axis}={shards}; use --attention auto or xla")
+        choice, reason = "xla", f"{attention} with a {context_axis} axis"
+    elif attention == "auto":
         if platform == "tpu":
             choice, reason = "splash", "auto on tpu"
         elif platform == "gpu":
@@ -113,9 +160,10 @@ def select(attention: str = "auto", *, mesh: Mesh | None = None,
             ok, why = _cudnn_takes(dtype, head_dim, packed)
             if not ok:
                 raise UserError(f"--attention cudnn: {why}; use --attention auto or xla")
-    kernels = Kernels(choice, reason, mesh if choice == "splash" else None,
-                      tuple(batch_axes) if choice == "splash" else (),
-                      head_axis if choice == "splash" else None, interpret)
+    sharded = choice == "splash" or context_axis is not None
+    kernels = Kernels(choice, reason, mesh if sharded else None,
+                      tuple(batch_axes) if sharded else (),
+                      head_axis if sharded else None, interpret, context_axis)
     # an accelerator without its kernel is worth a warning line, never a silent fallback
     fallback = platform in ("gpu", "tpu") and choice == "xla" and attention == "auto"
     _log.log(logging.WARNING if fallback else logging.INFO, "kernels: %s", kernels.describe())

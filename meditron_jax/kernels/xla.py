@@ -9,6 +9,7 @@ the broadcast mask as a residual of every layer).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import jax
@@ -19,7 +20,23 @@ import numpy as np
 # end, so the blocks above the causal diagonal are never computed (for 4 chunks, 5/8 of
 # the full products) and at most a quarter of the [T, S] logits is alive at once.
 CAUSAL_CHUNKS = 4
+# From this length on the cache-free path is blockwise (:func:`.context.flash_attention`):
+# [block, block] tiles with an online softmax, so no [T, T] mask or logits exist (a [T, T]
+# float32 bias is 4 GiB at 32768 tokens).
+BLOCKWISE_FROM = 8192
 _NEG = float(np.finfo(np.float32).min) * 0.7
+
+
+@contextlib.contextmanager
+def dense_for_counting():
+    """Trace the dense path at every length while inside (``plan``'s FLOP count, which lowers
+    and never compiles: the blockwise loops' data-dependent trip counts count once there)."""
+    global BLOCKWISE_FROM
+    saved, BLOCKWISE_FROM = BLOCKWISE_FROM, 1 << 62
+    try:
+        yield
+    finally:
+        BLOCKWISE_FROM = saved
 
 
 def self_mask(segment_ids: jax.Array) -> jax.Array:
@@ -36,6 +53,11 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
     """Self-attention over one whole sequence: q [B,T,N,H], k/v [B,T,K,H], segment ids
     [B,T] (0 = padding) -> [B,T,N,H]; scale 1/sqrt(H)."""
     t = q.shape[1]
+    block = math.gcd(t, 512)
+    if t >= BLOCKWISE_FROM and block >= 128:
+        from meditron_jax.kernels.context import flash_attention
+        return flash_attention(q, k, v, segment_ids, segment_ids,
+                               jnp.arange(0, t, block, dtype=jnp.int32), block=block)
     bias = _bias(self_mask(segment_ids))
     kh, vh = k.swapaxes(1, 2), v.swapaxes(1, 2)
     if chunks <= 1 or t % chunks:

@@ -19,7 +19,7 @@ from jax.ad_checkpoint import checkpoint_name
 from meditron_jax.errors import UserError
 from meditron_jax.kernels import XLA, Kernels
 from meditron_jax.model.config import LlamaConfig
-from meditron_jax.model.kvcache import KVCache
+from meditron_jax.model.kvcache import KVCache, write_layer, write_slots
 from meditron_jax.model.layers import (apply_rope, attention_mask, rms_norm, rope_tables,
                                        swiglu)
 from meditron_jax.model.lora import merge_layer
@@ -76,7 +76,8 @@ def forward(params: Params, tokens: jax.Array, cfg: LlamaConfig, *,
     positions [B, T] (default: the slot index, 0..T-1 after what the cache holds);
     segment_ids [B, T] (default all 1; 0 = padding; tokens attend only within their
     segment, causally by slot). With ``cache`` the new keys/values are written at slots
-    ``cache.index ...`` and the updated cache returned; ``prefill=True`` promises the cache
+    ``cache.index ...`` (one index for all rows, or one per row) and the updated cache
+    returned; ``prefill=True`` promises the cache
     is empty, so attention runs within the new tokens through the kernels' causal path
     (splash on TPU) instead of over the whole cache. ``lora = (adapters, scale)`` merges
     LoRA adapters into each layer's weights (:mod:`meditron_jax.model.lora`).
@@ -93,13 +94,18 @@ def forward(params: Params, tokens: jax.Array, cfg: LlamaConfig, *,
                         f"({cfg.max_position_embeddings}); shorten the input")
     check_token_ids(tokens, cfg)
     start = cache.index if cache is not None else jnp.zeros((), jnp.int32)
-    q_slots = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+    # a shared index [] or one per row [B] (continuous batching: rows at their own slots)
+    q_slots = jnp.broadcast_to(jnp.reshape(start, (-1, 1)) + jnp.arange(t, dtype=jnp.int32),
+                               (b, t))
     positions = q_slots if positions is None else positions
     segment_ids = (jnp.ones((b, t), jnp.int32) if segment_ids is None
                    else segment_ids.astype(jnp.int32))
+    # context parallelism: the tokens in the kernels' load-balanced order (kernels/context.py)
+    kernels, order = kernels.for_sequence(t, cache=cache is not None, prefill=prefill)
+    tokens, positions, segment_ids = (order.arrange(a) for a in (tokens, positions, segment_ids))
     ctx = _Context(cfg, dtype, kernels, constrain, segment_ids, rope_tables(positions, cfg))
     if cache is not None:
-        kv_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, start))
+        kv_segments = write_slots(cache.segment_ids, segment_ids, start)
         ctx.start, ctx.cache_heads = start, cache.heads
         if not prefill:
             ctx.mask = attention_mask(segment_ids, q_slots, kv_segments)
@@ -114,7 +120,8 @@ def forward(params: Params, tokens: jax.Array, cfg: LlamaConfig, *,
         x, k_cache, v_cache = _layers(params["layers"], x, cache, lora, ctx, remat)
 
     with jax.named_scope("head"):
-        x = rms_norm(constrain(x, ("batch", "seq", None)), params["final_norm"].astype(dtype),
+        x = rms_norm(constrain(order.restore(x), ("batch", "seq", None)),
+                     params["final_norm"].astype(dtype),
                      cfg.rms_norm_eps)
         new_cache = None if cache is None else KVCache(k=k_cache, v=v_cache,
                                                        segment_ids=kv_segments, index=start + t)
@@ -190,12 +197,12 @@ def _block(w: dict, x, k_cache, v_cache, i, ctx: _Context):
 
 def _store(cache: jax.Array, new: jax.Array, i, ctx: _Context) -> jax.Array:
     """Write one layer's new keys or values [B,T,K,H] into the cache [L,B,K',S,H] at slot
-    ``ctx.start`` (K' a multiple of K: each head repeated, :mod:`~meditron_jax.model.kvcache`)."""
+    ``ctx.start``, shared or per row (K' a multiple of K: each head repeated,
+    :mod:`~meditron_jax.model.kvcache`)."""
     repeat = ctx.cache_heads // new.shape[2]
     if repeat > 1:
         new = jnp.repeat(new, repeat, axis=2)
-    new = new.swapaxes(1, 2).astype(cache.dtype)[None]
-    return jax.lax.dynamic_update_slice(cache, new, (i, 0, 0, ctx.start, 0))
+    return write_layer(cache, new.swapaxes(1, 2).astype(cache.dtype), i, ctx.start)
 
 
 def unstack_layers(params: Params, *, consume: bool = False) -> Params:

@@ -32,7 +32,8 @@ class KVCache:
     k: jax.Array            # [L, B, K, S, H]
     v: jax.Array            # [L, B, K, S, H]
     segment_ids: jax.Array  # [B, S] int32; 0 marks padding / empty slots
-    index: jax.Array        # [] int32; slots filled so far (shared by all rows)
+    index: jax.Array        # [] int32 slots filled so far, shared by all rows (left-padded
+                            # batches), or [B] int32 one per row (continuous batching)
 
     @classmethod
     def init(cls, cfg: LlamaConfig, batch: int, max_len: int,
@@ -58,3 +59,21 @@ class KVCache:
     @staticmethod
     def logical_axes() -> "KVCache":
         return KVCache(k=CACHE_AXES, v=CACHE_AXES, segment_ids=("batch", "seq"), index=())
+
+
+def write_slots(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+    """``buffer`` [B, S, ...] with ``new`` [B, T, ...] written at slots ``start ...``:
+    ``start`` is one slot for every row ([]) or one per row ([B])."""
+    if jnp.ndim(start) == 0:
+        return jax.lax.dynamic_update_slice(buffer, new, (0, start) + (0,) * (buffer.ndim - 2))
+    return jax.vmap(lambda b, n, s: jax.lax.dynamic_update_slice(
+        b, n, (s,) + (0,) * (b.ndim - 1)))(buffer, new, start)
+
+
+def write_layer(cache: jax.Array, new: jax.Array, layer, start: jax.Array) -> jax.Array:
+    """Layer ``layer`` of ``cache`` [L, B, K, S, H] with ``new`` [B, K, T, H] written at
+    slots ``start ...`` (shared [] or per row [B])."""
+    if jnp.ndim(start) == 0:
+        return jax.lax.dynamic_update_slice(cache, new[None], (layer, 0, 0, start, 0))
+    return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice(c, n[None], (layer, 0, s, 0)),
+                    in_axes=(1, 0, 0), out_axes=1)(cache, new, start)

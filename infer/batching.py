@@ -1,0 +1,880 @@
+"""Continuous batching: a fixed number of decode slots, refilled as rows finish.
+
+Layout. Every slot (a row of the batch) holds one request at its own position: its
+prompt at cache slots ``0 .. n-1`` (no padding, RoPE position = slot), its new tokens
+after it, and its own cache index (``KVCache.index`` is [B] here). A decode step feeds
+each row the token at its index and writes its key/value there, so rows that started at
+different times decode side by side in one compiled step; rows not running (finished,
+idle) keep their index and their results are ignored.
+
+Admission. A queued request is prefilled on its own (``R`` rows at a time, R the mesh's
+data-parallel size, filler rows dropped), its prompt bucketed to a power of two
+(:func:`~infer.runner.bucket_length`), into a small cache that is then written into its
+slot's row of the running batch, together with the row's settings (budget, stop ids,
+sampling, seed); the other rows' state is untouched. Its first token is sampled there.
+
+Decode. :func:`decode` runs up to ``chunk`` steps in a ``lax.while_loop`` and returns
+early once a row finishes, so the host can refill that slot at once. The executables
+(one decode loop, one prefill per prompt bucket, two with prefix reuse) all compile in
+:meth:`ContinuousEngine.warmup`; ``compilations`` counts every XLA compilation the
+engine causes, so a test sees that none happens after it.
+
+Sampling is per row (temperature, top-k, top-p are arrays, not compile-time settings);
+it reproduces :func:`infer.sampling.sample` exactly, including the random keys
+(``fold_in(key(seed), row seed)`` folded with the token's index), so a request gets the
+tokens the static :class:`~infer.engine.Generator` gives it, greedy or seeded.
+
+Prefix reuse. After a prefill, the first ``prefix_len`` slots of the prompt's keys and
+values are kept in a small device pool (``prefix_entries`` entries, least recently used
+evicted), indexed on the host by a hash chain over whole blocks of ``PREFIX_BLOCK``
+tokens. A later prompt that starts with the same blocks (a system prompt, few-shot
+examples) copies them and prefills only the rest, attending to the copied keys through
+the cache. Keys/values of a position depend only on the tokens up to it, so the result
+is the same computation (test: identical greedy outputs with and without).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import hashlib
+import threading
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from infer.engine import (FINISH_REASONS, LENGTH, MAX_STOP_IDS, RNG_IMPL, RUNNING, STOPPED,
+                          Completion)
+from infer.runner import PAD_ID, BatchRunner, bucket_length, cache_length, to_host
+from infer.sampling import Sampling
+from meditron_jax.errors import UserError
+from meditron_jax.io.loading import LoadedModel
+from meditron_jax.kernels import XLA
+from meditron_jax.model import check_token_ids, forward, logits_from_hidden
+from meditron_jax.model.kvcache import CACHE_AXES, KVCache
+
+CANCELLED = 3
+REASONS = {**FINISH_REASONS, CANCELLED: "cancelled"}
+MAX_TOP_LOGPROBS = 20   # the most alternatives a request may ask for (OpenAI's limit)
+PREFIX_BLOCK = 16       # prefix reuse matches whole blocks of this many tokens
+DEFAULT_CHUNK = 8       # decode steps per host round trip (fewer when a row finishes)
+POOL_AXES = (None,) + tuple(a for a in CACHE_AXES if a != "batch")
+
+
+class QueueFull(Exception):
+    """``submit`` when the bounded queue is full (a server answers 429)."""
+
+
+class EngineStopped(RuntimeError):
+    """``submit`` after ``stop``."""
+
+
+@dataclasses.dataclass
+class EngineRequest:
+    ids: list[int]                    # prompt token ids (already checked/fitted)
+    max_new_tokens: int
+    sampling: Sampling = Sampling()
+    seed: int = 0                     # this row's seed (Generator's row_seeds)
+    stop_ids: list[int] | None = None  # None: the checkpoint's eos ids
+    stop_strings: tuple[str, ...] = ()
+    logprobs: int | None = None       # None: none; k >= 0: each token's log-prob + top k
+
+
+@dataclasses.dataclass
+class TokenEvent:
+    ids: list[int]
+    logprobs: list[float] | None
+    top_logprobs: list[dict[int, float]] | None
+    finish_reason: str | None = None
+    completion: Completion | None = None
+
+
+# ---- device state -----------------------------------------------------------------------------
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Rows:
+    """Per-slot settings and outputs ([B, ...] each; R rows in a prefill)."""
+    tokens: jax.Array       # [B, S] int32: prompt, then new tokens, by slot
+    prompt_len: jax.Array   # [B] int32: slot of the first new token
+    budget: jax.Array       # [B] int32 max new tokens
+    generated: jax.Array    # [B] int32 new tokens so far (a stop token included)
+    finish: jax.Array       # [B] int32 RUNNING / STOPPED / LENGTH
+    rng: jax.Array          # [B, 2] uint32 raw threefry key
+    stop_ids: jax.Array     # [B, MAX_STOP_IDS] int32, -1 unused
+    temperature: jax.Array  # [B] float32 (0 greedy)
+    top_k: jax.Array        # [B] int32 (0 off)
+    top_p: jax.Array        # [B] float32 (1 off)
+    logprob: jax.Array      # [B, S] float32: log-prob of the token at each slot
+    top_ids: jax.Array      # [B, S, MAX_TOP_LOGPROBS] int32
+    top_logprob: jax.Array  # [B, S, MAX_TOP_LOGPROBS] float32
+
+    @staticmethod
+    def logical_axes() -> "Rows":
+        row, seq = ("batch",), ("batch", "seq")
+        return Rows(tokens=seq, prompt_len=row, budget=row, generated=row, finish=row,
+                    rng=("batch", None), stop_ids=("batch", None), temperature=row,
+                    top_k=row, top_p=row, logprob=seq, top_ids=("batch", "seq", None),
+                    top_logprob=("batch", "seq", None))
+
+    @staticmethod
+    def empty(b: int, s: int) -> "Rows":
+        i32 = functools.partial(np.zeros, dtype=np.int32)
+        return Rows(tokens=i32((b, s)), prompt_len=i32((b,)), budget=i32((b,)),
+                    generated=i32((b,)), finish=np.full((b,), LENGTH, np.int32),
+                    rng=np.zeros((b, 2), np.uint32),
+                    stop_ids=np.full((b, MAX_STOP_IDS), -1, np.int32),
+                    temperature=np.zeros((b,), np.float32), top_k=i32((b,)),
+                    top_p=np.ones((b,), np.float32), logprob=np.zeros((b, s), np.float32),
+                    top_ids=i32((b, s, MAX_TOP_LOGPROBS)),
+                    top_logprob=np.zeros((b, s, MAX_TOP_LOGPROBS), np.float32))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SlotState:
+    cache: KVCache   # index [B]: each row's next slot
+    rows: Rows
+
+    @staticmethod
+    def logical_axes() -> "SlotState":
+        return SlotState(cache=dataclasses.replace(KVCache.logical_axes(), index=("batch",)),
+                         rows=Rows.logical_axes())
+
+
+# ---- the pure functions that get jitted ---------------------------------------------------
+def sample_rows(logits: jax.Array, keys: jax.Array, temperature, top_k, top_p) -> jax.Array:
+    """:func:`infer.sampling.sample` with per-row settings: the same tokens for the same
+    keys (greedy rows: argmax). The sorting only runs when some row samples."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def sampled(_):
+        v = logits.shape[-1]
+        t = jnp.where(temperature > 0, temperature, 1.0).astype(jnp.float32)
+        scaled = logits.astype(jnp.float32) / t[:, None]
+        ordered = jnp.sort(scaled, axis=-1, descending=True)
+        kth = jnp.take_along_axis(ordered, jnp.clip(top_k - 1, 0, v - 1)[:, None], axis=-1)
+        k_on = ((top_k > 0) & (top_k < v))[:, None]     # as mask_top_k
+        scaled = jnp.where(k_on & (scaled < kth), -jnp.inf, scaled)
+        ordered = jnp.where(k_on & (ordered < kth), -jnp.inf, ordered)   # still sorted
+        probs = jax.nn.softmax(ordered, axis=-1)          # as mask_top_p, p per row
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        kept = jnp.sum(mass_before < top_p[:, None], axis=-1, keepdims=True)
+        cutoff = jnp.take_along_axis(ordered, kept - 1, axis=-1)
+        scaled = jnp.where((top_p < 1.0)[:, None] & (scaled < cutoff), -jnp.inf, scaled)
+        drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+        return jnp.where(temperature > 0, drawn, greedy)
+
+    return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda _: greedy, None)
+
+
+def _advance(rows: Rows, logits: jax.Array, slot: jax.Array, with_logprobs: bool) -> Rows:
+    """Sample each running row's next token into ``slot`` [B]; update the finish flags.
+    A row's key is folded with the token's index (chunking never changes a token)."""
+    b, s = rows.tokens.shape
+    keys = jax.random.wrap_key_data(rows.rng, impl=RNG_IMPL)
+    step_keys = jax.vmap(jax.random.fold_in)(keys, rows.generated)
+    running = rows.finish == RUNNING
+    token = sample_rows(logits, step_keys, rows.temperature, rows.top_k, rows.top_p)
+    at = jnp.where(running, slot, s)          # not running: written nowhere (dropped)
+    ar = jnp.arange(b)
+    out = dict(tokens=rows.tokens.at[ar, at].set(token, mode="drop"))
+    if with_logprobs:
+        lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        top_lp, top_ids = jax.lax.top_k(lp, MAX_TOP_LOGPROBS)
+        out.update(logprob=rows.logprob.at[ar, at].set(
+                       jnp.take_along_axis(lp, token[:, None], axis=-1)[:, 0], mode="drop"),
+                   top_ids=rows.top_ids.at[ar, at].set(top_ids.astype(jnp.int32), mode="drop"),
+                   top_logprob=rows.top_logprob.at[ar, at].set(top_lp, mode="drop"))
+    generated = rows.generated + running.astype(jnp.int32)
+    stopped = running & jnp.any(token[:, None] == rows.stop_ids, axis=-1)
+    exhausted = running & ~stopped & (generated >= rows.budget)
+    finish = jnp.where(stopped, STOPPED, jnp.where(exhausted, LENGTH, rows.finish))
+    return dataclasses.replace(rows, generated=generated, finish=finish, **out)
+
+
+def _last_logits(params, hidden, last, cfg, constrain):
+    h = jnp.take_along_axis(hidden, last[:, None, None], axis=1)   # [B, 1, D]
+    return logits_from_hidden(params, h, cfg, constrain)[:, 0]
+
+
+def prefill(params, state: SlotState, pool, new: Rows, suffix, suffix_len, start, entry,
+            slots, save, seeds, *, cfg, dtype, chunk_len: int, with_prefix: bool,
+            with_logprobs: bool, constrain=None, kernels=XLA) -> tuple[SlotState, object]:
+    """Prefill R requests and write them into ``slots`` [R] of the running batch (a slot
+    >= B: a filler row, dropped). ``new`` holds the R rows' settings (their ``tokens``:
+    the whole prompt by slot); ``suffix`` [R, T] the tokens to run, from slot ``start``
+    [R] (0, or the length of the prefix copied from pool entry ``entry`` [R]);
+    ``suffix_len`` [R] how many of them are real. ``save`` [R]: the pool entry that keeps
+    this prompt's first slots for later requests (>= entries: none). ``seeds`` [R+1]
+    uint32: the engine's seed, then each row's (their keys as the Generator makes them)."""
+    r, t = suffix.shape
+    base = jax.random.key(seeds[0], impl=RNG_IMPL)
+    rng = jax.vmap(lambda s: jax.random.key_data(jax.random.fold_in(base, s)))(seeds[1:])
+    steps = jnp.arange(t, dtype=jnp.int32)
+    segments = (steps[None, :] < suffix_len[:, None]).astype(jnp.int32)
+    positions = start[:, None] + steps[None, :]
+    heads = state.cache.heads
+    shape = (cfg.num_hidden_layers, r, heads, chunk_len, cfg.head_dim)
+    k, v = jnp.zeros(shape, state.cache.k.dtype), jnp.zeros(shape, state.cache.v.dtype)
+    seg = jnp.zeros((r, chunk_len), jnp.int32)
+    if with_prefix:   # the prefix's slots, then the suffix attends to them through the cache
+        pk, pv = (jnp.moveaxis(p[jnp.minimum(entry, p.shape[0] - 1)], 0, 1) for p in pool)
+        k, v = (jax.lax.dynamic_update_slice(c, p, (0, 0, 0, 0, 0)) for c, p in ((k, pk), (v, pv)))
+        seg = (jnp.arange(chunk_len)[None, :] < start[:, None]).astype(jnp.int32)
+        index = start
+    else:
+        index = jnp.zeros((), jnp.int32)
+    if constrain is not None:
+        k, v = constrain(k, CACHE_AXES), constrain(v, CACHE_AXES)
+    sub = KVCache(k=k, v=v, segment_ids=seg, index=index)
+    hidden, sub = forward(params, suffix, cfg, positions=positions, segment_ids=segments,
+                          cache=sub, prefill=not with_prefix, dtype=dtype, constrain=constrain,
+                          kernels=kernels, return_hidden=True)
+    logits = _last_logits(params, hidden, suffix_len - 1, cfg, constrain)
+    n = start + suffix_len
+    new = dataclasses.replace(new, prompt_len=n, generated=jnp.zeros((r,), jnp.int32), rng=rng)
+    new = _advance(new, logits, n, with_logprobs)
+
+    cache = state.cache
+    s = cache.max_len
+    row_segments = (jnp.arange(s)[None, :] < n[:, None]).astype(jnp.int32)
+    cache = KVCache(k=cache.k.at[:, slots, :, :chunk_len].set(sub.k, mode="drop"),
+                    v=cache.v.at[:, slots, :, :chunk_len].set(sub.v, mode="drop"),
+                    segment_ids=cache.segment_ids.at[slots].set(row_segments, mode="drop"),
+                    index=cache.index.at[slots].set(n, mode="drop"))
+    rows = jax.tree.map(lambda old, x: old.at[slots].set(x.astype(old.dtype), mode="drop"),
+                        state.rows, new)
+    if pool is not None:
+        keep = min(chunk_len, pool[0].shape[3])
+        pool = tuple(p.at[save, :, :, :keep].set(jnp.moveaxis(c[:, :, :, :keep], 1, 0),
+                                                 mode="drop")
+                     for p, c in zip(pool, (sub.k, sub.v)))
+    return SlotState(cache=cache, rows=rows), pool
+
+
+def decode_step(params, state: SlotState, *, cfg, dtype, with_logprobs: bool,
+                constrain=None, kernels=XLA) -> SlotState:
+    cache, rows = state.cache, state.rows
+    b = rows.tokens.shape[0]
+    index = cache.index
+    token = jnp.take_along_axis(rows.tokens, index[:, None], axis=1)
+    hidden, cache = forward(params, token, cfg, positions=index[:, None],
+                            segment_ids=jnp.ones((b, 1), jnp.int32), cache=cache, dtype=dtype,
+                            constrain=constrain, kernels=kernels, return_hidden=True)
+    logits = _last_logits(params, hidden, jnp.zeros((b,), jnp.int32), cfg, constrain)
+    running = rows.finish == RUNNING
+    index = jnp.where(running, index + 1, index)
+    rows = _advance(rows, logits, index, with_logprobs)
+    return SlotState(cache=dataclasses.replace(cache, index=index), rows=rows)
+
+
+def decode(params, state: SlotState, num_steps, **step_kwargs) -> SlotState:
+    """Up to ``num_steps`` steps; returns as soon as a row that was running finishes."""
+    def running(s):
+        return jnp.sum(s.rows.finish == RUNNING)
+
+    at_start = running(state)
+
+    def cond(carry):
+        s, i = carry
+        return (i < num_steps) & (running(s) == at_start) & (at_start > 0)
+
+    def body(carry):
+        s, i = carry
+        return decode_step(params, s, **step_kwargs), i + 1
+
+    state, _ = jax.lax.while_loop(cond, body, (state, jnp.zeros((), jnp.int32)))
+    return state
+
+
+# ---- compile counting -------------------------------------------------------------------------
+_counting = threading.local()
+_listener_installed = False
+
+
+def _install_listener() -> None:
+    global _listener_installed
+    if _listener_installed:
+        return
+    from jax._src import dispatch  # the event name is not re-exported publicly
+    import jax.monitoring
+    name = dispatch.BACKEND_COMPILE_EVENT
+
+    def listener(event: str, duration: float, **_):
+        engine = getattr(_counting, "engine", None)
+        if event == name and engine is not None:
+            engine.compilations += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    _listener_installed = True
+
+
+class _Counting:
+    def __init__(self, engine):
+        self.engine = engine
+
+    def __enter__(self):
+        self.previous = getattr(_counting, "engine", None)
+        _counting.engine = self.engine
+
+    def __exit__(self, *exc):
+        _counting.engine = self.previous
+
+
+# ---- the prefix pool's index (host) ----------------------------------------------------------
+class PrefixIndex:
+    """Which pool entry holds the keys/values of which prompt prefixes (whole blocks),
+    least recently used first out."""
+
+    def __init__(self, entries: int, max_len: int, block: int = PREFIX_BLOCK):
+        self.entries, self.max_len, self.block = entries, max_len, block
+        self.owner: dict[bytes, int] = {}                 # block-chain hash -> entry
+        self.keys: dict[int, list[bytes]] = {}             # entry -> its hashes
+        self.lru: collections.OrderedDict[int, None] = collections.OrderedDict(
+            (e, None) for e in range(entries))
+        self.hits = self.reused_tokens = 0
+
+    def _chain(self, ids: Sequence[int], blocks: int) -> list[bytes]:
+        out, h = [], b""
+        for j in range(blocks):
+            block = np.asarray(ids[j * self.block:(j + 1) * self.block], np.int64).tobytes()
+            h = hashlib.blake2b(h + block, digest_size=16).digest()
+            out.append(h)
+        return out
+
+    def lookup(self, ids: Sequence[int], limit: int) -> tuple[int, int]:
+        """(entry, prefix length) of the longest cached whole-block prefix of ``ids``
+        no longer than ``limit`` tokens; (-1, 0) if none."""
+        blocks = min(limit, self.max_len) // self.block
+        best = (-1, 0)
+        for j, h in enumerate(self._chain(ids, blocks)):
+            if h not in self.owner:
+                break
+            best = (self.owner[h], (j + 1) * self.block)
+        if best[0] >= 0:
+            self.lru.move_to_end(best[0])
+            self.hits += 1
+            self.reused_tokens += best[1]
+        return best
+
+    def claim(self, ids: Sequence[int], have: int) -> int:
+        """An entry to keep ``ids``' first blocks in, or -1 when they add nothing beyond
+        ``have`` cached tokens; the entry's old prefixes are forgotten."""
+        blocks = min(len(ids), self.max_len) // self.block
+        if blocks * self.block <= have:
+            return -1
+        entry = next(iter(self.lru))
+        for h in self.keys.pop(entry, []):
+            if self.owner.get(h) == entry:
+                del self.owner[h]
+        hashes = self._chain(ids, blocks)
+        for h in hashes:
+            self.owner[h] = entry
+        self.keys[entry] = hashes
+        self.lru.move_to_end(entry)
+        return entry
+
+    def pin(self, entry: int) -> None:
+        """Keep ``entry`` from being claimed by a row of the same prefill call."""
+        self.lru.move_to_end(entry)
+
+
+# ---- the engine -------------------------------------------------------------------------------
+class Handle:
+    """One submitted request: ``result()`` blocks until it is done."""
+
+    def __init__(self, engine: "ContinuousEngine", request: EngineRequest, on_event):
+        self._engine, self.request, self._on_event = engine, request, on_event
+        self._done = threading.Event()
+        self._cancel = False
+        self.completion: Completion | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def result(self, timeout: float | None = None) -> Completion:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request not finished after {timeout} s")
+        return self.completion
+
+    def cancel(self) -> None:
+        """Free the slot at the next step (finish_reason "cancelled")."""
+        self._cancel = True
+        self._engine._wake()
+
+    def _emit(self, event: TokenEvent) -> None:
+        if self._on_event is not None:
+            self._on_event(event)
+
+
+@dataclasses.dataclass
+class _Slot:
+    handle: Handle
+    stop_strings: tuple[str, ...]
+    kept: int = 0            # tokens delivered so far
+
+
+class ContinuousEngine:
+    """Continuous batching over ``slots`` rows of at most ``max_len`` tokens each
+    (prompt + new tokens; default the model's max length, capped at 4096)."""
+
+    def __init__(self, model: LoadedModel, mesh: Mesh | None = None, *, slots: int = 8,
+                 max_len: int | None = None, attention: str = "auto", queue_size: int = 64,
+                 prefix_cache: bool = True, seed: int = 0, chunk: int = DEFAULT_CHUNK,
+                 prefix_entries: int = 4, prefix_len: int | None = None):
+        if slots < 1:
+            raise UserError(f"--batch-size (slots) must be >= 1, got {slots}")
+        if queue_size < 1:
+            raise UserError(f"queue size must be >= 1, got {queue_size}")
+        if chunk < 1:
+            raise UserError(f"decode chunk must be >= 1 step, got {chunk}")
+        self.runner = BatchRunner(model, mesh, slots, attention=attention)
+        self.model, self.cfg, self.slots = model, model.cfg, slots
+        limit = self.cfg.max_position_embeddings
+        max_len = min(limit, 4096) if max_len is None else int(max_len)
+        if not 2 <= max_len <= limit:
+            raise UserError(f"engine max_len must be in [2, {limit}] (the model's max length), "
+                            f"got {max_len}")
+        self.max_len = cache_length(max_len, cap=limit)
+        self.seed, self.chunk, self.queue_size = int(seed), int(chunk), int(queue_size)
+        self.compilations = 0
+        _install_listener()
+        placement = self.runner.placement
+        # prefill rows per call: the smallest batch the mesh's data axes divide
+        self.prefill_rows = 1
+        while True:
+            try:
+                placement.check_fits(self.prefill_rows)
+                break
+            except UserError:
+                self.prefill_rows += 1
+        self.prefix_cache = bool(prefix_cache)   # may be switched off and on between requests
+        self.prefix: PrefixIndex | None = None
+        self._pool = None
+        if prefix_cache and prefix_entries > 0:
+            plen = prefix_len or max(PREFIX_BLOCK, self.max_len // 2)
+            plen = min(plen, self.max_len - PREFIX_BLOCK) // PREFIX_BLOCK * PREFIX_BLOCK
+            if plen >= PREFIX_BLOCK:
+                self.prefix = PrefixIndex(prefix_entries, plen)
+        self._lock = threading.Condition()
+        self._queue: collections.deque[Handle] = collections.deque()
+        self._active: dict[int, _Slot] = {}
+        self._free = list(range(slots))
+        self._accepting = True
+        self._thread: threading.Thread | None = None
+        self._state: SlotState | None = None
+        self._error: BaseException | None = None
+
+    # ---- executables ----------------------------------------------------------------------
+    def _statics(self):
+        r = self.runner
+        return dict(cfg=self.cfg, dtype=r.dtype, constrain=r.placement.constrain,
+                    kernels=r.kernels)
+
+    def _decode_fn(self, with_logprobs: bool):
+        r = self.runner
+
+        def build():
+            fn = functools.partial(decode, with_logprobs=with_logprobs, **self._statics())
+            p = r.placement
+            if p.mesh is None:
+                return jax.jit(fn, donate_argnums=(1,))
+            tree = p.tree(SlotState.logical_axes())
+            return jax.jit(fn, in_shardings=(p.params(), tree, p.sharding(())),
+                           out_shardings=tree, donate_argnums=(1,))
+        return r.jitted("cb-decode", self.slots, self.max_len, with_logprobs, build=build)
+
+    def _chunk_len(self, t: int, with_prefix: bool) -> int:
+        return min(self.max_len, (self.prefix.max_len if with_prefix else 0) + t)
+
+    def _prefill_fn(self, t: int, with_prefix: bool, with_logprobs: bool):
+        r = self.runner
+        pool_len = self.prefix.max_len if self.prefix else 0
+        chunk_len = self._chunk_len(t, with_prefix)
+
+        def build():
+            fn = functools.partial(prefill, chunk_len=chunk_len, with_prefix=with_prefix,
+                                   with_logprobs=with_logprobs, **self._statics())
+            p = r.placement
+            if p.mesh is None:
+                return jax.jit(fn, donate_argnums=(1, 2))
+            tree = p.tree(SlotState.logical_axes())
+            pool = None if self.prefix is None else (p.sharding(POOL_AXES),) * 2
+            row = p.sharding(("batch",))
+            rows = p.tree(Rows.logical_axes())
+            rep = p.sharding((None,))
+            return jax.jit(fn, in_shardings=(p.params(), tree, pool, rows,
+                                             p.sharding(("batch", "seq")), row, row, rep,
+                                             rep, rep, rep),
+                           out_shardings=(tree, pool), donate_argnums=(1, 2))
+        return r.jitted("cb-prefill", self.slots, self.max_len, self.prefill_rows, t,
+                        with_prefix, with_logprobs, pool_len,
+                        self.prefix.entries if self.prefix else 0, build=build)
+
+    def _buckets(self) -> list[int]:
+        out, t = [], bucket_length(1)
+        while True:
+            out.append(min(t, self.max_len))
+            if t >= self.max_len:
+                return out
+            t *= 2
+
+    # ---- state ----------------------------------------------------------------------------
+    def _init_state(self) -> None:
+        if self._state is not None:
+            return
+        p, b, s = self.runner.placement, self.slots, self.max_len
+        cache = KVCache.init(self.cfg, b, s, self.runner.dtype, p.cache_heads)
+        axes = SlotState.logical_axes()
+
+        def put(x, ax):   # committed, as the executables' outputs are (one jit cache key)
+            x = p.put(np.asarray(x), ax)
+            return jax.device_put(x, jax.devices()[0]) if p.mesh is None else x
+        rows = jax.tree.map(put, Rows.empty(b, s), axes.rows)
+        cache = KVCache(k=put(cache.k, CACHE_AXES), v=put(cache.v, CACHE_AXES),
+                        segment_ids=put(cache.segment_ids, ("batch", "seq")),
+                        index=put(np.zeros((b,), np.int32), ("batch",)))
+        self._state = SlotState(cache=cache, rows=rows)
+        if self.prefix is not None:
+            e, plen = self.prefix.entries, self.prefix.max_len
+            shape = (e, self.cfg.num_hidden_layers, p.cache_heads, plen, self.cfg.head_dim)
+            zeros = np.zeros(shape, jnp.dtype(self.runner.dtype))
+            self._pool = (put(zeros, POOL_AXES), put(zeros, POOL_AXES))
+
+    def warmup(self, logprobs: bool = False) -> None:
+        """Compile everything a request can need (the decode loop, a prefill per prompt
+        bucket, with and without a reused prefix), so that serving compiles nothing.
+        ``logprobs``: also the variants that compute log-probs."""
+        with _Counting(self):
+            self._init_state()
+            for lp in (False, True) if logprobs else (False,):
+                self._state = self._decode_fn(lp)(self.runner.params, self._state,
+                                                  self._put_scalar(0))
+                for t in self._buckets():
+                    for with_prefix in (False, True) if self.prefix else (False,):
+                        if with_prefix and self._chunk_len(t, True) < t + PREFIX_BLOCK:
+                            continue
+                        self._prefill([], t, with_prefix, lp)
+            jax.block_until_ready(self._state)
+
+    def _put_scalar(self, x):
+        return self.runner.placement.put(np.asarray(x, np.int32), ())
+
+    # ---- requests -------------------------------------------------------------------------
+    def check(self, request: EngineRequest) -> None:
+        """Raise UserError (one line) for a request this engine cannot run."""
+        ids = request.ids
+        if not ids:
+            raise UserError("empty prompt; give at least one token")
+        check_token_ids(np.asarray(ids), self.cfg)
+        if request.max_new_tokens < 1:
+            raise UserError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
+        if len(ids) + request.max_new_tokens > self.max_len:
+            raise UserError(f"{len(ids)} prompt tokens + {request.max_new_tokens} new tokens "
+                            f"exceed this engine's max length {self.max_len}; shorten the "
+                            "prompt or ask for fewer tokens")
+        stops = self.model.eos_ids if request.stop_ids is None else request.stop_ids
+        if len(stops) > MAX_STOP_IDS:
+            raise UserError(f"at most {MAX_STOP_IDS} stop ids, got {len(stops)}")
+        if any(not s for s in request.stop_strings):
+            raise UserError("empty stop string")
+        if request.stop_strings and self.model.tokenizer is None:
+            raise UserError("stop strings need a tokenizer; this model directory has none")
+        if request.logprobs is not None and not 0 <= request.logprobs <= MAX_TOP_LOGPROBS:
+            raise UserError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got "
+                            f"{request.logprobs}")
+
+    def submit(self, request: EngineRequest,
+               on_event: Callable[[TokenEvent], None] | None = None) -> Handle:
+        """Queue a request (thread-safe); raises QueueFull when the queue is full."""
+        self.check(request)
+        handle = Handle(self, request, on_event)
+        with self._lock:
+            if not self._accepting:
+                raise EngineStopped("the engine is stopping; it accepts no new requests")
+            if self._error is not None:
+                raise RuntimeError("the engine's decode loop failed") from self._error
+            if len(self._queue) >= self.queue_size:
+                raise QueueFull(f"queue full ({self.queue_size} requests waiting)")
+            self._queue.append(handle)
+            self._lock.notify_all()
+        return handle
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._lock.notify_all()
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        """Run the decode loop in a background thread."""
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._serve, name="continuous-engine",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop accepting requests; ``drain`` finishes queued and running ones, otherwise
+        they end as "cancelled". Returns when the loop has ended (or ``timeout``)."""
+        with self._lock:
+            self._accepting = False
+            if not drain:
+                for h in list(self._queue) + [s.handle for s in self._active.values()]:
+                    h._cancel = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _serve(self) -> None:
+        with _Counting(self):
+            try:
+                self._init_state()
+                while True:
+                    with self._lock:
+                        while (not self._queue and not self._active) and self._accepting:
+                            self._lock.wait()
+                        if not self._queue and not self._active:
+                            return
+                    self._step()
+            except BaseException as exc:   # noqa: BLE001: fail every waiter, not hang it
+                self._fail(exc)
+                raise
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._lock:
+            self._error = exc
+            handles = list(self._queue) + [s.handle for s in self._active.values()]
+            self._queue.clear()
+            self._active.clear()
+        for h in handles:
+            h.completion = Completion(ids=[], finish_reason="error", text=None)
+            h._done.set()
+
+    def generate(self, requests: Sequence[EngineRequest],
+                 on_done: Callable[[int, Completion], None] | None = None) -> list[Completion]:
+        """Every request's completion, in input order. Without a started loop this runs
+        in the caller's thread (deterministic, as multi-host runs need); ``on_done(i,
+        completion)`` is called as each finishes."""
+        for r in requests:
+            self.check(r)
+        if self.running:
+            handles = []
+            for i, r in enumerate(requests):
+                cb = None
+                if on_done is not None:
+                    cb = lambda e, i=i: e.completion is not None and on_done(i, e.completion)
+                while True:
+                    try:
+                        handles.append(self.submit(r, cb))
+                        break
+                    except QueueFull:   # wait for the oldest unfinished one, then retry
+                        next(h for h in handles if not h.done)._done.wait(0.05)
+            return [h.result() for h in handles]
+        handles = []
+        for i, r in enumerate(requests):
+            cb = None
+            if on_done is not None:
+                cb = lambda e, i=i: e.completion is not None and on_done(i, e.completion)
+            handles.append(Handle(self, r, cb))
+        with _Counting(self):
+            self._init_state()
+            self._queue.extend(handles)
+            while self._queue or self._active:
+                self._step()
+        return [h.completion for h in handles]
+
+    # ---- one round: admit, decode a chunk, deliver ---------------------------------------
+    def _step(self) -> None:
+        if self._admit() or any(s.handle._cancel for s in self._active.values()):
+            self._collect()     # first tokens out now (time to first token), cancels freed
+        if not self._active:
+            return
+        lp = self._wants_logprobs()
+        self._state = self._decode_fn(lp)(self.runner.params, self._state,
+                                          self._put_scalar(self.chunk))
+        self._collect()
+
+    def _wants_logprobs(self) -> bool:
+        return any(s.handle.request.logprobs is not None for s in self._active.values())
+
+    def _admit(self) -> bool:
+        admitted = False
+        while True:
+            with self._lock:
+                group: list[tuple[int, Handle]] = []
+                while self._queue and len(self._free) > len(group) and \
+                        len(group) < self.prefill_rows:
+                    h = self._queue.popleft()
+                    if h._cancel:
+                        self._finish(h, [], CANCELLED, None, [], [])
+                        continue
+                    group.append((self._free[len(group)], h))
+                if not group:
+                    return admitted
+                del self._free[:len(group)]
+            self._prefill_group(group)
+            admitted = True
+
+    def _prefill_group(self, group: list[tuple[int, Handle]]) -> None:
+        plan = []
+        for slot, h in group:
+            ids = list(h.request.ids)
+            entry, m = (-1, 0)
+            if self.prefix is not None and self.prefix_cache:
+                entry, m = self.prefix.lookup(ids, len(ids) - 1)
+                if m and m + bucket_length(len(ids) - m) > self._chunk_len(
+                        bucket_length(len(ids) - m), True):
+                    entry, m = -1, 0
+            plan.append((slot, h, ids, entry, m))
+        while True:   # one suffix bucket for the call; a prefix must leave room for it
+            t = min(self.max_len, max(bucket_length(len(ids) - m) for _, _, ids, _, m in plan))
+            late = [i for i, (*_, m) in enumerate(plan) if m and m + t > self._chunk_len(t, True)]
+            if not late:
+                break
+            for i in late:
+                plan[i] = plan[i][:3] + (-1, 0)
+        with_prefix = any(m for *_, m in plan)
+        lp = any(h.request.logprobs is not None for _, h, *_ in plan) or self._wants_logprobs()
+        self._prefill(plan, t, with_prefix, lp)
+        for slot, h, ids, entry, m in plan:
+            self._active[slot] = _Slot(h, tuple(h.request.stop_strings))
+
+    def _prefill(self, plan, t: int, with_prefix: bool, with_logprobs: bool) -> None:
+        """Run one prefill call for ``plan`` [(slot, handle, ids, entry, m)] (empty: a
+        warm-up call on filler rows only)."""
+        r, s, b = self.prefill_rows, self.max_len, self.slots
+        new = Rows.empty(r, s)
+        suffix = np.full((r, t), PAD_ID, np.int32)
+        suffix_len = np.ones((r,), np.int32)
+        start = np.zeros((r,), np.int32)
+        entry = np.zeros((r,), np.int32)
+        slots = np.full((r,), b, np.int32)             # filler rows: dropped
+        save = np.full((r,), self.prefix.entries if self.prefix else 0, np.int32)
+        seeds = np.zeros((r + 1,), np.uint32)
+        seeds[0] = self.seed % (1 << 32)
+        for i, (slot, h, ids, e, m) in enumerate(plan):
+            q = h.request
+            new.tokens[i, :len(ids)] = ids
+            new.budget[i] = q.max_new_tokens
+            new.finish[i] = RUNNING
+            seeds[1 + i] = q.seed % (1 << 32)
+            stops = self.model.eos_ids if q.stop_ids is None else q.stop_ids
+            new.stop_ids[i, :len(stops)] = stops
+            new.temperature[i] = q.sampling.temperature
+            new.top_k[i] = q.sampling.top_k
+            new.top_p[i] = q.sampling.top_p
+            suffix[i, :len(ids) - m] = ids[m:]
+            suffix_len[i], start[i], entry[i], slots[i] = len(ids) - m, m, max(e, 0), slot
+            if e >= 0:
+                self.prefix.pin(e)
+        if self.prefix is not None and self.prefix_cache:
+            for i, (slot, h, ids, e, m) in enumerate(plan):
+                claimed = self.prefix.claim(ids, m)
+                if claimed >= 0:
+                    save[i] = claimed
+        p = self.runner.placement
+        rows = jax.tree.map(lambda a, ax: p.put(a, ax), new, Rows.logical_axes(),
+                            is_leaf=lambda x: isinstance(x, np.ndarray))
+        fn = self._prefill_fn(t, with_prefix, with_logprobs)
+        self._state, pool = fn(self.runner.params, self._state, self._pool, rows,
+                               p.put(suffix, ("batch", "seq")), p.put(suffix_len, ("batch",)),
+                               p.put(start, ("batch",)), p.put(entry, (None,)),
+                               p.put(slots, (None,)), p.put(save, (None,)),
+                               p.put(seeds, (None,)))
+        if self._pool is not None:
+            self._pool = pool
+
+    def _collect(self) -> None:
+        """Deliver new tokens; finish rows (stop id, budget, stop string, cancel)."""
+        if not self._active:
+            return
+        st = self._state.rows
+        generated, finish = to_host(st.generated), to_host(st.finish).copy()
+        tokens, plen = to_host(st.tokens), to_host(st.prompt_len)
+        lp = top_ids = top_lp = None
+        if self._wants_logprobs():
+            lp, top_ids, top_lp = to_host(st.logprob), to_host(st.top_ids), to_host(st.top_logprob)
+        changed = False
+        for slot, a in list(self._active.items()):
+            h, n = a.handle, int(plen[slot])
+            ids = tokens[slot, n:n + generated[slot]].tolist()
+            end, reason, text = len(ids), int(finish[slot]), None
+            if reason == STOPPED:
+                end -= 1
+            if a.stop_strings:
+                hit = _stop_string_end(self.model.tokenizer.decode, ids[:end], a.kept,
+                                       a.stop_strings)
+                if hit is not None:
+                    (end, text), reason = hit, STOPPED
+            if h._cancel and reason == RUNNING:
+                reason = CANCELLED
+            if reason != RUNNING and finish[slot] == RUNNING:
+                finish[slot], changed = reason, True
+            new_ids = ids[a.kept:end]
+            k = h.request.logprobs
+            new_lp = new_top = None
+            if k is not None:
+                span = range(n + a.kept, n + end)
+                new_lp = [float(lp[slot, j]) for j in span]
+                new_top = [{int(top_ids[slot, j, c]): float(top_lp[slot, j, c])
+                            for c in range(k)} for j in span]
+            a.kept = end
+            if reason == RUNNING:
+                if new_ids:
+                    h._emit(TokenEvent(new_ids, new_lp, new_top))
+                continue
+            del self._active[slot]
+            with self._lock:
+                self._free.append(slot)
+            all_lp = all_top = None
+            if k is not None:
+                span = range(n, n + end)
+                all_lp = [float(lp[slot, j]) for j in span]
+                all_top = [{int(top_ids[slot, j, c]): float(top_lp[slot, j, c])
+                            for c in range(k)} for j in span]
+            self._finish(h, ids[:end], reason, text, all_lp, all_top, new_ids, new_lp, new_top)
+        if changed:
+            rows = dataclasses.replace(st, finish=jax.device_put(finish, st.finish.sharding))
+            self._state = dataclasses.replace(self._state, rows=rows)
+
+    def _finish(self, h: Handle, ids, reason: int, text, all_lp, all_top, new_ids=(),
+                new_lp=None, new_top=None) -> None:
+        if text is None and self.model.tokenizer is not None:
+            text = self.model.tokenizer.decode(ids)
+        c = Completion(ids=list(ids), finish_reason=REASONS[reason], text=text,
+                       logprobs=all_lp, top_logprobs=all_top)
+        h.completion = c
+        try:
+            h._emit(TokenEvent(list(new_ids), new_lp, new_top, c.finish_reason, c))
+        finally:
+            h._done.set()
+
+    # ---- figures ----------------------------------------------------------------------------
+    @property
+    def prefix_hits(self) -> int:
+        return self.prefix.hits if self.prefix else 0
+
+    @property
+    def prefix_tokens_reused(self) -> int:
+        return self.prefix.reused_tokens if self.prefix else 0
+
+
+def _stop_string_end(decode, ids: list[int], start: int, stop_strings) -> tuple | None:
+    """(tokens up to the one completing a stop string, the text before it) or None;
+    tokens before ``start`` were already checked."""
+    if not any(s in decode(ids) for s in stop_strings):
+        return None
+    for k in range(start + 1, len(ids) + 1):
+        text = decode(ids[:k])
+        hits = [text.find(s) for s in stop_strings if s in text]
+        if hits:
+            return k, text[:min(hits)]
+    return None
