@@ -47,7 +47,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from infer.engine import (FINISH_REASONS, LENGTH, MAX_STOP_IDS, RNG_IMPL, RUNNING, STOPPED,
-                          Completion)
+                          Completion, stop_string_end)
 from infer.runner import PAD_ID, BatchRunner, bucket_length, cache_length, to_host
 from infer.sampling import Sampling
 from meditron_jax.errors import UserError
@@ -810,7 +810,7 @@ class ContinuousEngine:
             if reason == STOPPED:
                 end -= 1
             if a.stop_strings:
-                hit = _stop_string_end(self.model.tokenizer.decode, ids[:end], a.kept,
+                hit = stop_string_end(self.model.tokenizer.decode, ids[:end], a.kept,
                                        a.stop_strings)
                 if hit is not None:
                     (end, text), reason = hit, STOPPED
@@ -865,16 +865,3 @@ class ContinuousEngine:
     @property
     def prefix_tokens_reused(self) -> int:
         return self.prefix.reused_tokens if self.prefix else 0
-
-
-def _stop_string_end(decode, ids: list[int], start: int, stop_strings) -> tuple | None:
-    """(tokens up to the one completing a stop string, the text before it) or None;
-    tokens before ``start`` were already checked."""
-    if not any(s in decode(ids) for s in stop_strings):
-        return None
-    for k in range(start + 1, len(ids) + 1):
-        text = decode(ids[:k])
-        hits = [text.find(s) for s in stop_strings if s in text]
-        if hits:
-            return k, text[:min(hits)]
-    return None

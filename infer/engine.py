@@ -353,7 +353,8 @@ class Generator(BatchRunner):
                 if reason == STOPPED:
                     end -= 1                  # the stop id is not part of the completion
                 if stop_strings:
-                    hit = self._stop_string_end(ids[:end], kept[r], stop_strings)
+                    hit = stop_string_end(self.model.tokenizer.decode, ids[:end], kept[r],
+                                          stop_strings)
                     if hit is not None:
                         (end, text), reason = hit, STOPPED
                         ended_by_string |= finish[r] == RUNNING
@@ -369,20 +370,20 @@ class Generator(BatchRunner):
                 state = dataclasses.replace(state, finish=put(finish, ("batch",)))
             state = decode(self.params, state, put(np.asarray(chunk, np.int32), ()))
 
-    def _stop_string_end(self, ids: list[int], start: int, stop_strings) -> tuple | None:
-        """(number of tokens up to the one completing a stop string, the text before it),
-        or None. Tokens before ``start`` were already checked."""
-        decode = self.model.tokenizer.decode
-        if not any(s in decode(ids) for s in stop_strings):
-            return None
-        for k in range(start + 1, len(ids) + 1):
-            text = decode(ids[:k])
-            hits = [text.find(s) for s in stop_strings if s in text]
-            if hits:
-                return k, text[:min(hits)]
-        return None
-
     def _completion(self, ids: list[int], finish: int, text: str | None) -> Completion:
         if text is None and self.model.tokenizer is not None:
             text = self.model.tokenizer.decode(ids)
         return Completion(ids=ids, finish_reason=FINISH_REASONS[finish], text=text)
+
+
+def stop_string_end(decode, ids: list[int], start: int, stop_strings) -> tuple | None:
+    """(tokens up to the one completing a stop string, the text before it) or None;
+    tokens before ``start`` were already checked. ``decode``: the tokenizer's."""
+    if not any(s in decode(ids) for s in stop_strings):
+        return None
+    for k in range(start + 1, len(ids) + 1):
+        text = decode(ids[:k])
+        hits = [text.find(s) for s in stop_strings if s in text]
+        if hits:
+            return k, text[:min(hits)]
+    return None

@@ -279,7 +279,31 @@ class ExampleBuilder(gx.FlatMapTransform):
 
 
 # ---- the loader ------------------------------------------------------------------------
-class Loader:
+class GrainLoader:
+    """What every loader shares: a grain iterator (``_iter``) over a builder's examples
+    (``builder``, which counts what it kept, split, truncated or skipped), and the state a
+    checkpoint saves (grain's position and those counts)."""
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    @property
+    def counts(self) -> dict:
+        return dict(self.builder.counts)
+
+    def report(self) -> str | None:
+        return self.builder.report()
+
+    def get_state(self) -> dict:
+        return {"grain": self._iter.get_state(), "counts": self.counts}
+
+    def set_state(self, state: dict) -> None:
+        self._iter.set_state(state["grain"])
+        counts = self.builder.counts
+        counts.update({k: v for k, v in state.get("counts", {}).items() if k in counts})
+
+
+class Loader(GrainLoader):
     """Infinite iterator of this host's rows of each global batch, as numpy arrays
     ``inputs, targets, weights, segment_ids, positions`` of shape [local_batch, seq_len].
 
@@ -308,9 +332,6 @@ class Loader:
             num_packing_bins=max(dcfg.packing_bins, local_batch), shuffle_bins=False)
         self._iter = iter(ds.batch(local_batch, drop_remainder=True))
 
-    def __iter__(self) -> Iterator[dict]:
-        return self
-
     def __next__(self) -> dict:
         b = next(self._iter)
         return {"inputs": b["inputs"].astype(np.int32), "targets": b["targets"].astype(np.int32),
@@ -318,20 +339,6 @@ class Loader:
                 "segment_ids": b["inputs_segment_ids"].astype(np.int32),
                 "positions": b["inputs_positions"].astype(np.int32)}
 
-    @property
-    def counts(self) -> dict:
-        return dict(self.builder.counts)
-
-    def report(self) -> str | None:
-        return self.builder.report()
-
-    def get_state(self) -> dict:
-        return {"grain": self._iter.get_state(), "counts": self.counts}
-
-    def set_state(self, state: dict) -> None:
-        self._iter.set_state(state["grain"])
-        counts = self.builder.counts
-        counts.update({k: v for k, v in state.get("counts", {}).items() if k in counts})
 
 
 def _check_something_fits(builder: ExampleBuilder, records: list, source: str) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Iterator
 
 import grain
 import numpy as np
@@ -30,6 +29,7 @@ from meditron_jax.errors import UserError
 from meditron_jax.jsonl import read_jsonl
 from meditron_jax.tokenizer.chat import check_messages
 from train.config import DataSection
+from train.data import GrainLoader
 
 log = logging.getLogger("meditron_jax.train")
 FIELDS = ("prompt", "messages", "chosen", "rejected")
@@ -228,7 +228,7 @@ class PairBuilder:
         return line
 
 
-class PairLoader:
+class PairLoader(GrainLoader):
     """Infinite iterator of this host's pairs of each global batch: numpy arrays
     ``inputs, targets, weights, segment_ids, positions`` of shape [local_batch, 2, seq_len]
     (the interface of :class:`train.data.Loader`)."""
@@ -247,24 +247,7 @@ class PairLoader:
         ds = ds.map(self.builder).filter(lambda x: x is not None)
         self._iter = iter(ds.batch(local_batch, drop_remainder=True))
 
-    def __iter__(self) -> Iterator[dict]:
-        return self
-
     def __next__(self) -> dict:
         b = next(self._iter)
         return {k: np.asarray(v) for k, v in b.items()}
 
-    @property
-    def counts(self) -> dict:
-        return dict(self.builder.counts)
-
-    def report(self) -> str | None:
-        return self.builder.report()
-
-    def get_state(self) -> dict:
-        return {"grain": self._iter.get_state(), "counts": self.counts}
-
-    def set_state(self, state: dict) -> None:
-        self._iter.set_state(state["grain"])
-        counts = self.builder.counts
-        counts.update({k: v for k, v in state.get("counts", {}).items() if k in counts})
