@@ -75,7 +75,7 @@ class HostsLoader:
 def one_process(tmp_path_factory):
     out = tmp_path_factory.mktemp("one_process")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(setup, "make_data", lambda run, tok, eos: setup.Data(
+        mp.setattr(setup, "make_data", lambda run, tok, eos, tok_dir=None: setup.Data(
             HostsLoader(run, tok, eos, PROCESSES), [], run.train.batch_size))
         run_training(from_dict(_run_dict(out)))
     return str(out)

@@ -323,6 +323,8 @@ def test_lm_eval_local_completions_matches_meditron_eval(served, snap, tmp_path)
     sample (0-shot: every prompt in the module's one prompt bucket)."""
     lm_eval = pytest.importorskip("lm_eval")
     pytest.importorskip("tenacity", reason="lm-eval's API models need lm-eval[api]")
+    # registers local-completions whatever an earlier test did to lm-eval's lazy registry
+    import lm_eval.models.openai_completions  # noqa: F401
     from lm_eval.tasks import TaskManager
     from lm_eval.tasks.medmcqa.utils_medmcqa import doc_to_text
 
