@@ -30,8 +30,14 @@ def make_batch(vocab: int) -> dict[str, np.ndarray]:
     segments[0, 5:] = 2
     segments[3, 7:] = 2
     segments[5, 9:] = 0
-    positions = np.zeros((BATCH, SEQ), np.int32)
-    for col in range(1, SEQ):
+    return packed_batch(tokens, segments)
+
+
+def packed_batch(tokens: np.ndarray, segments: np.ndarray) -> dict[str, np.ndarray]:
+    """A training batch from tokens [B, T+1] and segment ids [B, T] (0 = padding): each
+    document's positions restart at 0, loss weight on every non-padding token."""
+    positions = np.zeros(segments.shape, np.int32)
+    for col in range(1, segments.shape[1]):
         same = segments[:, col] == segments[:, col - 1]
         positions[:, col] = np.where(same, positions[:, col - 1] + 1, 0)
     return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],

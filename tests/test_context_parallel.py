@@ -20,7 +20,7 @@ from meditron_jax.model.config import preset
 from sharding import (INFER_RULES, PREFILL_RULES, TRAIN_RULES, activation_constrainer,
                       check_sequence, describe, make_mesh, param_shardings, parse_mesh_spec,
                       place, step_kernels)
-from tests.sharding_cases import assert_close, gather
+from tests.sharding_cases import assert_close, gather, packed_batch
 from train.config import OptimSection
 from train.optim import make_optimizer, schedule
 from train.step import (StepOptions, abstract_state, batch_shardings, init_state,
@@ -41,13 +41,7 @@ def make_batch() -> dict[str, np.ndarray]:
     segments[0, 21:] = 3
     segments[1, 14:] = 2
     segments[1, 27:] = 0
-    positions = np.zeros((BATCH, SEQ), np.int32)
-    for col in range(1, SEQ):
-        same = segments[:, col] == segments[:, col - 1]
-        positions[:, col] = np.where(same, positions[:, col - 1] + 1, 0)
-    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-            "weights": (segments > 0).astype(np.float32), "segment_ids": segments,
-            "positions": positions}
+    return packed_batch(tokens, segments)
 
 
 @pytest.fixture(scope="module")
