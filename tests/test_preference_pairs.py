@@ -12,7 +12,8 @@ import pytest
 from meditron_jax.errors import UserError
 from tests.train_support import QA
 from train.config import DataSection, from_dict
-from train.preference import Pair, PairBuilder, PairLoader, load_template, read_pairs
+from train.data import chat_template_for
+from train.preference import Pair, PairBuilder, PairLoader, read_pairs
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "chat_templates")
 LLAMA_TEMPLATE = os.path.join(DATA, "Llama-3.1-8B-Instruct.jinja")
@@ -70,7 +71,7 @@ MSG = [{"role": "user", "content": "Dose of paracetamol for 12 kg?"}]
 def test_bad_pairs_are_one_line_errors_naming_file_and_line(tmp_path, llama_dir, record,
                                                              pattern):
     path = write(tmp_path / "pairs.jsonl", [GOOD, GOOD, record])
-    template = lambda: load_template(DataSection(), llama_dir)  # noqa: E731
+    template = lambda: chat_template_for(DataSection(), None, llama_dir)  # noqa: E731
     with pytest.raises(UserError, match=pattern) as err:
         read_pairs([path], DataSection(kind="preference"), template)
     line = str(err.value)
@@ -88,7 +89,7 @@ def test_a_template_that_fails_to_render_names_file_and_line(tmp_path, llama_dir
          "rejected": "b"}])
     dcfg = DataSection(kind="preference", chat_template=str(bad))
     with pytest.raises(UserError, match=f"{path}:2: .*no system turns") as err:
-        read_pairs([path], dcfg, lambda: load_template(dcfg, llama_dir))
+        read_pairs([path], dcfg, lambda: chat_template_for(dcfg, None, llama_dir))
     assert "\n" not in str(err.value)
     # no chat template at all (a base model's tokenizer) is refused at the first messages line
     with pytest.raises(UserError, match=f"{path}:1: .*chat template"):
@@ -106,7 +107,7 @@ def test_chat_pairs_equal_transformers_apply_chat_template(tmp_path, llama_dir):
            "rejected": "Give an adult tablet."}
     path = write(tmp_path / "chat.jsonl", [rec])
     dcfg = DataSection(kind="preference", seq_len=256)
-    (pair,) = read_pairs([path], dcfg, lambda: load_template(dcfg, llama_dir))
+    (pair,) = read_pairs([path], dcfg, lambda: chat_template_for(dcfg, None, llama_dir))
     tok = Tokenizer.from_dir(llama_dir)
     example, _ = PairBuilder(tok, tok.eos_ids[0], dcfg, 1).example(pair)
     hf = AutoTokenizer.from_pretrained(llama_dir)

@@ -128,12 +128,12 @@ def read_records(files, dcfg: DataSection, process_index: int = 0,
 # ---- chat templates ------------------------------------------------------------------------
 def chat_template_for(dcfg: DataSection, tokenizer, tokenizer_dir: str | None = None
                       ) -> ChatTemplate:
-    """The template ``data.kind: chat`` renders with: ``data.chat_template`` (a .jinja
+    """The template ``data.kind: chat`` (and preference pairs given as messages) render with: ``data.chat_template`` (a .jinja
     file, given the tokenizer's bos/eos tokens, or a tokenizer directory), else that of
     ``tokenizer_dir`` (the run's tokenizer) or of ``data.tokenizer`` when a directory."""
     spec = dcfg.chat_template
     if spec and os.path.isdir(spec):
-        return _template_of_dir(spec)
+        return _template_of_dir(spec, dcfg.kind)
     if spec:
         try:
             with open(spec, encoding="utf-8") as f:
@@ -142,20 +142,21 @@ def chat_template_for(dcfg: DataSection, tokenizer, tokenizer_dir: str | None = 
             raise UserError(f"data.chat_template {spec}: cannot read it "
                             f"({getattr(exc, 'strerror', None) or exc}); give a .jinja file "
                             "or a tokenizer directory") from None
-        return ChatTemplate(text, _special_token_strings(tokenizer), source=spec)
+        tokens = _special_token_strings(tokenizer) if tokenizer is not None else {}
+        return ChatTemplate(text, tokens, source=spec)
     if tokenizer_dir is None and dcfg.tokenizer and os.path.isdir(dcfg.tokenizer):
         tokenizer_dir = dcfg.tokenizer
     if tokenizer_dir is None:
-        raise UserError("data.kind chat: no chat template; set data.chat_template to a .jinja "
-                        "file or a tokenizer directory that has one")
-    return _template_of_dir(tokenizer_dir)
+        raise UserError(f"data.kind {dcfg.kind}: no chat template; set data.chat_template to "
+                        "a .jinja file or a tokenizer directory that has one")
+    return _template_of_dir(tokenizer_dir, dcfg.kind)
 
 
-def _template_of_dir(path: str) -> ChatTemplate:
+def _template_of_dir(path: str, kind: str = "chat") -> ChatTemplate:
     if not (os.path.isfile(os.path.join(path, "chat_template.jinja"))
             or os.path.isdir(os.path.join(path, "chat_templates"))
             or _json_object(os.path.join(path, "tokenizer_config.json")).get("chat_template")):
-        raise UserError(f"{path} has no chat template (a base model); for data.kind chat set "
+        raise UserError(f"{path} has no chat template (a base model); for data.kind {kind} set "
                         "data.chat_template to a .jinja file or an instruct model's tokenizer "
                         "directory, or use data.kind sft with prompt/completion records")
     return ChatTemplate.from_dir(path)

@@ -113,28 +113,6 @@ def _pair(rec: dict, where: str, template) -> Pair:
     return Pair(prompt, full["chosen"], full["rejected"], True, where)
 
 
-def load_template(dcfg: DataSection, tokenizer_dir: str | None):
-    """The chat template of ``data.chat_template`` (a directory or a .jinja file) or of the
-    tokenizer's directory (the checkpoint's)."""
-    from meditron_jax.tokenizer.chat import ChatTemplate
-    path = dcfg.chat_template or tokenizer_dir
-    if path is None:
-        raise UserError('run config: "messages" need a chat template; set data.chat_template')
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        # bos/eos names for the template, from the tokenizer's config
-        return ChatTemplate(text, _tokens_of(tokenizer_dir) if tokenizer_dir else {}, source=path)
-    return ChatTemplate.from_dir(path)
-
-
-def _tokens_of(path: str) -> dict:
-    from meditron_jax.jsonl import read_json_file
-    from meditron_jax.tokenizer.chat import _special_tokens
-    cfg = read_json_file(os.path.join(path, "tokenizer_config.json"), {})
-    return _special_tokens(cfg if isinstance(cfg, dict) else {})
-
-
 def pair_texts(pair: Pair) -> list[str]:
     """The texts of a pair (to learn a BPE vocabulary from)."""
     if pair.chat:

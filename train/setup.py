@@ -147,9 +147,9 @@ def _pair_data(run: RunConfig, tok: Tokenizer, eos: int, local: int, tok_dir: st
     """Preference pairs (train.preference): [local, 2, seq_len] batches."""
     import functools
 
-    from train.preference import PairLoader, load_template, read_pairs
+    from train.preference import PairLoader, read_pairs
     n_proc, pid = jax.process_count(), jax.process_index()
-    template = functools.cache(lambda: load_template(run.data, tok_dir))
+    template = functools.cache(lambda: chat_template_for(run.data, tok, tok_dir))
     pairs = read_pairs(run.data.train_files, run.data, template, pid, n_proc)
     eval_batches = []
     if run.data.eval_file:
