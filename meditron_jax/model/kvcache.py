@@ -72,8 +72,15 @@ def write_slots(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Arra
 
 def write_layer(cache: jax.Array, new: jax.Array, layer, start: jax.Array) -> jax.Array:
     """Layer ``layer`` of ``cache`` [L, B, K, S, H] with ``new`` [B, K, T, H] written at
-    slots ``start ...`` (shared [] or per row [B])."""
+    slots ``start ...`` (shared [] or per row [B]).
+
+    Per row, one scatter indexed by (layer, row, slot): a ``vmap`` of
+    ``dynamic_update_slice`` over the batch axis (axis 1 of the cache) made XLA keep the
+    loop-carried cache batch-major, copying both caches whole twice per decode step
+    (bench/NOTES.md section 26). Writes past the end are dropped."""
     if jnp.ndim(start) == 0:
         return jax.lax.dynamic_update_slice(cache, new[None], (layer, 0, 0, start, 0))
-    return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice(c, n[None], (layer, 0, s, 0)),
-                    in_axes=(1, 0, 0), out_axes=1)(cache, new, start)
+    b, _, t, _ = new.shape
+    rows = jnp.arange(b)[:, None]
+    slots = start[:, None] + jnp.arange(t)[None, :]
+    return cache.at[layer, rows, :, slots].set(new.swapaxes(1, 2), mode="drop")
