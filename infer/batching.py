@@ -7,15 +7,20 @@ each row the token at its index and writes its key/value there, so rows that sta
 different times decode side by side in one compiled step; rows not running (finished,
 idle) keep their index and their results are ignored.
 
-Admission. A queued request is prefilled on its own (``R`` rows at a time, R the mesh's
-data-parallel size, filler rows dropped), its prompt bucketed to a power of two
-(:func:`~infer.runner.bucket_length`), into a small cache that is then written into its
-slot's row of the running batch, together with the row's settings (budget, stop ids,
-sampling, seed); the other rows' state is untouched. Its first token is sampled there.
+Admission. Queued requests are prefilled ``R`` rows at a time (R the mesh's
+data-parallel size, filler rows dropped), or all ``B`` slots' worth in one call when at
+more than half the slots wait to be filled (a sweep's start, several rows ending in one step):
+a prefill reads every weight once per call, so on an accelerator a [B, T] prefill costs
+about what a [1, T] one does, and on a CPU it still runs its matmuls at B x T rows. The
+prompts are bucketed to a power of two (:func:`~infer.runner.bucket_length`) and run into
+a small cache that is then written into their slots' rows of the running batch, with
+each row's settings (budget, stop ids, sampling, seed); the other rows' state is
+untouched. Each row's first token is sampled there.
 
 Decode. :func:`decode` runs up to ``chunk`` steps in a ``lax.while_loop`` and returns
 early once a row finishes, so the host can refill that slot at once. The executables
-(one decode loop, one prefill per prompt bucket, two with prefix reuse) all compile in
+(one decode loop, one prefill per prompt bucket and call size, two with prefix
+reuse) all compile in
 :meth:`ContinuousEngine.warmup`; ``compilations`` counts every XLA compilation the
 engine causes, so a test sees that none happens after it.
 
@@ -38,6 +43,7 @@ import collections
 import dataclasses
 import functools
 import hashlib
+import itertools
 import threading
 from typing import Callable, Sequence
 
@@ -360,26 +366,26 @@ class PrefixIndex:
             self.reused_tokens += best[1]
         return best
 
-    def claim(self, ids: Sequence[int], have: int) -> int:
+    def claim(self, ids: Sequence[int], have: int, busy: set[int] = frozenset()) -> int:
         """An entry to keep ``ids``' first blocks in, or -1 when they add nothing beyond
-        ``have`` cached tokens; the entry's old prefixes are forgotten."""
+        ``have`` cached tokens, are already held (by a row of the same prefill call too),
+        or every entry is ``busy`` (read or written by the same call); the entry's old
+        prefixes are forgotten."""
         blocks = min(len(ids), self.max_len) // self.block
         if blocks * self.block <= have:
             return -1
-        entry = next(iter(self.lru))
+        hashes = self._chain(ids, blocks)
+        entry = next((e for e in self.lru if e not in busy), -1)
+        if hashes[-1] in self.owner or entry < 0:
+            return -1
         for h in self.keys.pop(entry, []):
             if self.owner.get(h) == entry:
                 del self.owner[h]
-        hashes = self._chain(ids, blocks)
         for h in hashes:
             self.owner[h] = entry
         self.keys[entry] = hashes
         self.lru.move_to_end(entry)
         return entry
-
-    def pin(self, entry: int) -> None:
-        """Keep ``entry`` from being claimed by a row of the same prefill call."""
-        self.lru.move_to_end(entry)
 
 
 # ---- the engine -------------------------------------------------------------------------------
@@ -442,9 +448,11 @@ class ContinuousEngine:
         self.max_len = cache_length(max_len, cap=limit)
         self.seed, self.chunk, self.queue_size = int(seed), int(chunk), int(queue_size)
         self.compilations = 0
+        self.prefill_calls: collections.Counter[int] = collections.Counter()   # by rows
         _install_listener()
         placement = self.runner.placement
-        # prefill rows per call: the smallest batch the mesh's data axes divide
+        # prefill rows per call: the smallest batch the mesh's data axes divide, and every
+        # slot at once (the engine's batch, which fits by construction)
         self.prefill_rows = 1
         while True:
             try:
@@ -452,6 +460,7 @@ class ContinuousEngine:
                 break
             except UserError:
                 self.prefill_rows += 1
+        self.prefill_sizes = tuple(sorted({self.prefill_rows, slots}))
         self.prefix_cache = bool(prefix_cache)   # may be switched off and on between requests
         self.prefix: PrefixIndex | None = None
         self._pool = None
@@ -491,7 +500,7 @@ class ContinuousEngine:
     def _chunk_len(self, t: int, with_prefix: bool) -> int:
         return min(self.max_len, (self.prefix.max_len if with_prefix else 0) + t)
 
-    def _prefill_fn(self, t: int, with_prefix: bool, with_logprobs: bool):
+    def _prefill_fn(self, rows: int, t: int, with_prefix: bool, with_logprobs: bool):
         r = self.runner
         pool_len = self.prefix.max_len if self.prefix else 0
         chunk_len = self._chunk_len(t, with_prefix)
@@ -511,7 +520,7 @@ class ContinuousEngine:
                                              p.sharding(("batch", "seq")), row, row, rep,
                                              rep, rep, rep),
                            out_shardings=(tree, pool), donate_argnums=(1, 2))
-        return r.jitted("cb-prefill", self.slots, self.max_len, self.prefill_rows, t,
+        return r.jitted("cb-prefill", self.slots, self.max_len, rows, t,
                         with_prefix, with_logprobs, pool_len,
                         self.prefix.entries if self.prefix else 0, build=build)
 
@@ -554,11 +563,11 @@ class ContinuousEngine:
             for lp in (False, True) if logprobs else (False,):
                 self._state = self._decode_fn(lp)(self.runner.params, self._state,
                                                   self._put_scalar(0))
-                for t in self._buckets():
+                for rows, t in itertools.product(self.prefill_sizes, self._buckets()):
                     for with_prefix in (False, True) if self.prefix else (False,):
                         if with_prefix and self._chunk_len(t, True) < t + PREFIX_BLOCK:
                             continue
-                        self._prefill([], t, with_prefix, lp)
+                        self._prefill([], t, with_prefix, lp, rows)
             jax.block_until_ready(self._state)
 
     def _put_scalar(self, x):
@@ -710,8 +719,8 @@ class ContinuousEngine:
         while True:
             with self._lock:
                 group: list[tuple[int, Handle]] = []
-                while self._queue and len(self._free) > len(group) and \
-                        len(group) < self.prefill_rows:
+                rows = self._call_rows(min(len(self._queue), len(self._free)))
+                while self._queue and len(self._free) > len(group) and len(group) < rows:
                     h = self._queue.popleft()
                     if h._cancel:
                         self._finish(h, [], CANCELLED, None, [], [])
@@ -720,10 +729,16 @@ class ContinuousEngine:
                 if not group:
                     return admitted
                 del self._free[:len(group)]
-            self._prefill_group(group)
+            self._prefill_group(group, rows)
             admitted = True
 
-    def _prefill_group(self, group: list[tuple[int, Handle]]) -> None:
+    def _call_rows(self, waiting: int) -> int:
+        """Rows of the next prefill call when ``waiting`` requests can be admitted: every
+        slot's worth once more than half the slots would be filled, else R."""
+        big = self.prefill_sizes[-1]
+        return big if 2 * waiting > big else self.prefill_sizes[0]
+
+    def _prefill_group(self, group: list[tuple[int, Handle]], rows: int) -> None:
         plan = []
         for slot, h in group:
             ids = list(h.request.ids)
@@ -743,14 +758,15 @@ class ContinuousEngine:
                 plan[i] = plan[i][:3] + (-1, 0)
         with_prefix = any(m for *_, m in plan)
         lp = any(h.request.logprobs is not None for _, h, *_ in plan) or self._wants_logprobs()
-        self._prefill(plan, t, with_prefix, lp)
+        self._prefill(plan, t, with_prefix, lp, rows)
         for slot, h, ids, entry, m in plan:
             self._active[slot] = _Slot(h, tuple(h.request.stop_strings))
 
-    def _prefill(self, plan, t: int, with_prefix: bool, with_logprobs: bool) -> None:
-        """Run one prefill call for ``plan`` [(slot, handle, ids, entry, m)] (empty: a
-        warm-up call on filler rows only)."""
-        r, s, b = self.prefill_rows, self.max_len, self.slots
+    def _prefill(self, plan, t: int, with_prefix: bool, with_logprobs: bool,
+                 r: int) -> None:
+        """Run one prefill call of ``r`` rows for ``plan`` [(slot, handle, ids, entry, m)]
+        (empty: a warm-up call on filler rows only)."""
+        s, b = self.max_len, self.slots
         new = Rows.empty(r, s)
         suffix = np.full((r, t), PAD_ID, np.int32)
         suffix_len = np.ones((r,), np.int32)
@@ -773,17 +789,18 @@ class ContinuousEngine:
             new.top_p[i] = q.sampling.top_p
             suffix[i, :len(ids) - m] = ids[m:]
             suffix_len[i], start[i], entry[i], slots[i] = len(ids) - m, m, max(e, 0), slot
-            if e >= 0:
-                self.prefix.pin(e)
         if self.prefix is not None and self.prefix_cache:
+            busy = {e for *_, e, _ in plan if e >= 0}   # read by this call: not overwritten
             for i, (slot, h, ids, e, m) in enumerate(plan):
-                claimed = self.prefix.claim(ids, m)
+                claimed = self.prefix.claim(ids, m, busy)
                 if claimed >= 0:
                     save[i] = claimed
+                    busy.add(claimed)                 # one row's write per entry and call
         p = self.runner.placement
         rows = jax.tree.map(lambda a, ax: p.put(a, ax), new, Rows.logical_axes(),
                             is_leaf=lambda x: isinstance(x, np.ndarray))
-        fn = self._prefill_fn(t, with_prefix, with_logprobs)
+        fn = self._prefill_fn(r, t, with_prefix, with_logprobs)
+        self.prefill_calls[r] += bool(plan)
         self._state, pool = fn(self.runner.params, self._state, self._pool, rows,
                                p.put(suffix, ("batch", "seq")), p.put(suffix_len, ("batch",)),
                                p.put(start, ("batch",)), p.put(entry, (None,)),

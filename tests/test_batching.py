@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import sharding
-from infer.batching import (ContinuousEngine, EngineRequest, EngineStopped, QueueFull,
-                            TokenEvent)
+from infer.batching import (ContinuousEngine, EngineRequest, EngineStopped, PrefixIndex,
+                            QueueFull, TokenEvent)
 from infer.engine import Generator
 from infer.sampling import Sampling
 from meditron_jax.errors import UserError
@@ -72,9 +72,11 @@ def _check_against(got, refs, new):
 def test_greedy_equals_transformers_with_refills_and_no_compiles_after_warmup(engine,
                                                                               hf_greedy):
     assert engine.compilations > 0                     # the warm-up compiled and counted
-    before = engine.compilations
+    before, calls = engine.compilations, engine.prefill_calls.copy()
     got = engine.generate(_requests())
     _check_against(got, hf_greedy, NEW)
+    # both slots free at the start: one call of 2 rows; then rows end one at a time
+    assert engine.prefill_calls - calls == {2: 1, 1: 3}
     again = engine.generate(list(reversed(_requests())))   # other slots, other neighbours
     assert [c.ids for c in reversed(again)] == [c.ids for c in got]
     assert engine.compilations == before
@@ -117,8 +119,30 @@ def test_prefix_reuse_gives_the_same_outputs(model, engine):
     before, reused = engine.prefix_hits, engine.prefix_tokens_reused
     got = engine.generate(reqs)
     assert [c.ids for c in got] == [c.ids for c in plain]
-    assert engine.prefix_hits - before == 3            # every prompt after the first
-    assert engine.prefix_tokens_reused - reused == 3 * 16
+    # the first two are prefilled in one call (neither finds the other's keys); the two
+    # admitted after them reuse the prefix the first one stored
+    assert engine.prefix_hits - before == 2
+    assert engine.prefix_tokens_reused - reused == 2 * 16
+
+
+def test_prefix_index_one_write_per_entry_and_call():
+    """A prefill call never has two rows write one pool entry (the scatter would keep one
+    of them while the index names the other), never overwrites an entry it reads, and
+    does not store a prefix twice."""
+    index = PrefixIndex(entries=2, max_len=32, block=16)
+    a, b, c = ([k] * 40 for k in (3, 4, 5))
+    busy: set[int] = set()
+    first = index.claim(a, 0, busy)
+    busy.add(first)
+    assert index.claim(a, 0, busy) == -1               # already held (same call)
+    second = index.claim(b, 0, busy)
+    assert second not in (first, -1)
+    busy.add(second)
+    assert index.claim(c, 0, busy) == -1               # every entry in use by this call
+    assert index.lookup(a + [9], 39) == (first, 32) and index.lookup(b, 39) == (second, 32)
+    assert index.claim(c, 0, {first}) == second        # next call: the LRU entry not read
+    assert index.lookup(b, 39) == (-1, 0) and index.lookup(c, 39) == (second, 32)
+    assert index.claim(a, 32) == -1                    # nothing beyond what is reused
 
 
 def test_events_cancel_queue_and_stop(model):
