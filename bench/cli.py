@@ -7,6 +7,11 @@ weights) and our side (which loads them), both alive at once so that their timed
 alternate, with probes of the machine's speed between the pairs (``bench/paired.py``).
 Results go to the console table and, with ``--json``, to a file written aside and
 renamed.
+
+``--benches ...,sweep`` adds the generation-sweep row (``bench/sweep.py``, one process per
+preset and length distribution: continuous batching, the static engine and transformers'
+``generate`` on the same prompts, in one run). It is opt-in: 256 prompts of up to 256
+new tokens take about half an hour per distribution on ``small`` on a 2-core box.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ import sys
 import tempfile
 import time
 
-from bench import beyond_cpu, ceilings, machine, report
+from bench import beyond_cpu, ceilings, machine, report, sweep
 from bench.paired import (NEVER_PAIRED, Served, WorkerFailed, pair_fits, run_alone,
                           run_paired)
 from bench.presets import (ALL_BENCHMARKS, BENCHMARKS, PRESETS, base_bench, is_int8, parse_list,
@@ -33,7 +38,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--benches", default=",".join(BENCHMARKS),
                         help="comma-separated benchmarks to run; also "
                              f"{', '.join(b for b in ALL_BENCHMARKS if b not in BENCHMARKS)} "
-                             "(our side only: int8 weights)")
+                             f"(our side only: int8 weights) and {SWEEP} (a generation "
+                             "sweep with varied completion lengths: continuous batching "
+                             "against the static engine and transformers)")
+    parser.add_argument("--sweep-prompts", type=int, default=256,
+                        help=f"{SWEEP}: prompts in the sweep")
+    parser.add_argument("--sweep-batch", type=int, default=8,
+                        help=f"{SWEEP}: slots (continuous) and batch size (static, transformers)")
+    parser.add_argument("--sweep-new", default="8,256", metavar="MIN,MAX",
+                        help=f"{SWEEP}: fewest and most new tokens of a row")
+    parser.add_argument("--sweep-lengths", default=",".join(sweep.LENGTHS),
+                        help=f"{SWEEP}: how the rows' counts are drawn, comma-separated "
+                             f"({', '.join(sweep.LENGTHS)}): one sweep each")
     parser.add_argument("--repeats", type=int, default=7,
                         help="timed pairs per benchmark (one run of each side back to "
                              "back; medians are reported, warm-up runs are extra)")
@@ -64,9 +80,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip the ahead-of-time meditron3-8b plan section")
 
 
+SWEEP = "sweep"
+
+
 def _check(args) -> tuple[list[str], list[str]]:
     presets = parse_list(args.presets, PRESETS, "presets")
-    benches = parse_list(args.benches, ALL_BENCHMARKS, "benches")
+    benches = parse_list(args.benches, ALL_BENCHMARKS + (SWEEP,), "benches")
+    if SWEEP in benches:
+        lengths = parse_list(args.sweep_lengths, sweep.LENGTHS, "sweep-lengths")
+        try:
+            low, high = (int(x) for x in args.sweep_new.split(","))
+        except ValueError:
+            raise UserError(f"--sweep-new: give MIN,MAX (two integers), got "
+                            f"{args.sweep_new!r}") from None
+        if not 1 <= low <= high:
+            raise UserError(f"--sweep-new: need 1 <= {low} <= {high}")
+        if not 1 <= args.sweep_batch <= args.sweep_prompts:
+            raise UserError(f"--sweep-prompts {args.sweep_prompts} must be >= --sweep-batch "
+                            f"{args.sweep_batch} >= 1")
+        args.sweep_plan = (lengths, low, high)
     if args.repeats < 1:
         raise UserError(f"--repeats must be >= 1, got {args.repeats}")
     if args.remeasure < 0:
@@ -163,8 +195,38 @@ def measure_preset(name: str, benches: list[str], args, workdir: str, probe: Ser
     return out
 
 
+def _sweeps(name: str, args, workdir: str) -> dict:
+    """``sweep-<lengths>`` -> bench/sweep.py's result for preset ``name``, one process
+    each (its own memory, the pinned CPUs); a failure is reported, not raised."""
+    lengths, low, high = args.sweep_plan
+    out = {}
+    for dist in lengths:
+        path = os.path.join(workdir, f"sweep-{name}-{dist}.json")
+        cmd = [sys.executable, "-m", "bench.sweep", "--preset", name, "--lengths", dist,
+               "--prompts", str(args.sweep_prompts), "--batch", str(args.sweep_batch),
+               "--min-new", str(low), "--max-new", str(high), "--threads", str(args.threads),
+               "--seed", str(args.seed), "--json", path]
+        print(f"bench: {name} {SWEEP} ({dist} lengths)", file=sys.stderr, flush=True)
+        try:
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True, timeout=args.worker_timeout)
+            failed = proc.returncode != 0 or not os.path.exists(path)
+            why = f"exit {proc.returncode}: " + " | ".join(proc.stdout.strip().splitlines()[-3:])
+        except subprocess.TimeoutExpired:
+            failed, why = True, f"ran past --worker-timeout={args.worker_timeout:g}s"
+        if failed:
+            print(f"bench: {name} {SWEEP} ({dist}) failed: {why}", file=sys.stderr)
+            out[f"{SWEEP}-{dist}"] = {"missing": why}
+            continue
+        with open(path, encoding="utf-8") as f:
+            out[f"{SWEEP}-{dist}"] = report.sweep_entry(json.load(f))
+    return out
+
+
 def measure(args, presets: list[str], benches: list[str], workdir: str) -> dict:
     started = time.time()
+    do_sweep = SWEEP in benches
+    benches = [b for b in benches if b != SWEEP]
     result: dict = {"machine": machine.describe(args.threads)}
     sizes = {"matmul-n": args.ceiling_matmul_n, "read-mib": args.ceiling_read_mib}
     limits = _worker("ceilings", workdir, args, args.worker_timeout, **sizes)
@@ -176,12 +238,15 @@ def measure(args, presets: list[str], benches: list[str], workdir: str) -> dict:
         for name in presets:
             measured[name] = measure_preset(name, benches, args, workdir, probe)
             rss[name] = measured[name].pop("_rss", None)
+            if do_sweep:
+                measured[name]["_sweeps"] = _sweeps(name, args, workdir)
     finally:
         probe.close()
     last = _worker("ceilings", workdir, args, args.worker_timeout, **sizes)
     result["ceilings"] = ceilings.combine(limits["results"], last["results"])
     for name, per_bench in measured.items():
         result[name] = {}
+        sweeps = per_bench.pop("_sweeps", {})
         for b in benches:
             if is_int8(b):
                 ours, _, probes, _, _ = per_bench[b]
@@ -191,6 +256,7 @@ def measure(args, presets: list[str], benches: list[str], workdir: str) -> dict:
             else:
                 result[name][b] = report.bench_entry(PRESETS[name], b, *per_bench[b],
                                                      ceilings=result["ceilings"])
+        result[name].update(sweeps)
     if not args.no_plan:
         try:
             result["beyond_cpu"] = _worker("plan", workdir, args, args.worker_timeout)["results"]
@@ -199,7 +265,7 @@ def measure(args, presets: list[str], benches: list[str], workdir: str) -> dict:
     result["machine"].update(machine.load_after(), peak_rss_gb=rss,
                              wall_s=round(time.time() - started, 1))
     result["settings"] = {
-        "presets": presets, "benches": benches, "repeats": args.repeats,
+        "presets": presets, "benches": benches + [SWEEP] * do_sweep, "repeats": args.repeats,
         "remeasure": args.remeasure, "max_other_load": MAX_OTHER_LOAD,
         "threads": args.threads, "seed": args.seed,
         # the numerators of MFU: model FLOPs per token at the benchmark's sequence length

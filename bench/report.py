@@ -221,6 +221,39 @@ def _int8_row(name: str, bench: str, e: dict) -> str:
             f"| {e['other_load']:.0%} | {e['verdict']}{why} |")
 
 
+SWEEP_TARGET = 2.0   # continuous batching against the static engine
+
+
+def sweep_entry(raw: dict) -> dict:
+    """bench/sweep.py's result, with the verdict: met when continuous batching ran at
+    >= 2x the static engine's tokens/s and its greedy tokens equal the static engine's."""
+    entry = dict(raw)
+    ratio = raw.get("continuous_vs_static")
+    if ratio is None:
+        entry["verdict"] = "incomplete"
+    elif not raw.get("continuous_equals_static", False):
+        entry["verdict"] = "outputs differ"
+    else:
+        entry["verdict"] = "met" if ratio >= SWEEP_TARGET else "not met"
+    entry["meets_target"] = entry["verdict"] == "met"
+    return entry
+
+
+def _sweep_row(name: str, bench: str, e: dict) -> str:
+    def tps(side):
+        return f"{e[side]['tokens_per_s']:.1f}" if side in e else "-"
+    vs_hf = (f"; {e['continuous_vs_transformers']:.2f}x transformers"
+             if "continuous_vs_transformers" in e else "")
+    vs_static = (f"{e['continuous_vs_static']:.2f}x static ({SWEEP_TARGET:g}x){vs_hf}"
+                 if "continuous_vs_static" in e else "-")
+    load = e.get("loadavg") or [[float("nan")], [float("nan")]]
+    compiles = e.get("continuous", {}).get("compiles_after_warmup", "-")
+    return (f"| {name} | {bench} ({e['prompts']} prompts, batch {e['batch']}) | {tps('continuous')} "
+            f"| {tps('transformers')} | {vs_static} | batching's bound {e['bound']:.2f}x | - | - "
+            f"| - | {compiles} | load avg {load[0][0]:.1f} -> {load[1][0]:.1f} "
+            f"| {e['verdict']} |")
+
+
 def table(report: dict, presets: list[str]) -> str:
     """A fixed-width console/Markdown table of every measured pair."""
     head = ("| preset | benchmark | ours tok/s | transformers tok/s | ratio (target) "
@@ -235,6 +268,9 @@ def table(report: dict, presets: list[str]) -> str:
                 continue
             if is_int8(bench):
                 lines.append(_int8_row(name, bench, e))
+                continue
+            if bench.startswith("sweep-"):
+                lines.append(_sweep_row(name, bench, e))
                 continue
             ratio_t, frac_t = _target_text(bench)
             kind = "MFU" if e["ceiling_kind"] == "mfu" else "of read BW"

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from bench import report
+from bench import report, sweep
 from bench.paired import NEVER_PAIRED
 from bench.presets import BENCHMARKS, PRESETS, decode_bytes_per_step, tokens_per_step
 from cli import main as cli
@@ -29,6 +29,8 @@ def tiny_run(tmp_path_factory):
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--presets", "tiny", "--repeats", "1", "--remeasure", "1",
          "--no-plan", "--ceiling-matmul-n", "512", "--ceiling-read-mib", "64",
+         "--benches", ",".join(BENCHMARKS + ("sweep",)), "--sweep-prompts", "6",
+         "--sweep-batch", "2", "--sweep-new", "2,10", "--sweep-lengths", "loguniform",
          "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -39,8 +41,10 @@ def test_json_has_the_issue_shape(tiny_run):
     data, _ = tiny_run
     assert data["ceilings"]["matmul_gflops"] > 0 and data["ceilings"]["read_gbps"] > 0
     assert data["machine"]["threads"] >= 1 and data["machine"]["cpu"]
-    assert set(data["tiny"]) == set(BENCHMARKS)
+    assert set(data["tiny"]) == set(BENCHMARKS) | {"sweep-loguniform"}
     for bench, entry in data["tiny"].items():
+        if bench.startswith("sweep"):
+            continue
         for key in ("ours_tokens_per_s", "transformers_tokens_per_s", "ratio",
                     "fraction_of_ceiling", "compiles_after_warmup"):
             assert isinstance(entry[key], (int, float)), (bench, key)
@@ -71,6 +75,33 @@ def test_console_table_lists_every_benchmark(tiny_run):
     assert "ceilings: matmul" in stdout
     for bench in BENCHMARKS:
         assert f"| tiny | {bench} |" in stdout
+    assert "| tiny | sweep-loguniform (6 prompts, batch 2) |" in stdout
+
+
+def test_sweep_row_compares_three_sides_on_one_workload(tiny_run):
+    """The sweep row: the workload's counts as drawn, greedy tokens equal across the
+    static engine, continuous batching and transformers, nothing compiled after warm-up,
+    the bound computed from the counts, and a verdict that follows the ratio."""
+    e = tiny_run[0]["tiny"]["sweep-loguniform"]
+    counts = sweep.new_tokens("loguniform", 2, 10, 6)
+    assert e["useful_tokens"] == sum(counts) and e["bound"] == sweep.static_bound(counts, 2)
+    assert e["continuous_equals_static"] and e["identical_tokens_vs_transformers"] == 1.0
+    assert e["continuous"]["compiles_after_warmup"] == 0
+    assert e["static"]["compiles_after_warmup"] == 0
+    assert sum(int(k) * v for k, v in e["continuous"]["prefill_calls"].items()) >= 6
+    assert e["verdict"] == ("met" if e["continuous_vs_static"] >= 2 else "not met")
+
+
+def test_sweep_lengths_and_bound():
+    """Static batches run to their longest row: [1, 4] and [2, 2] take 2 x 4 + 2 x 2 row
+    steps for 9 tokens. Log-uniform counts stay in range and are shorter than uniform
+    ones in the median."""
+    assert sweep.static_bound([1, 4, 2, 2], 2) == pytest.approx(12 / 9)
+    uni, log = (sweep.new_tokens(d, 8, 256, 256) for d in ("uniform", "loguniform"))
+    assert min(log) >= 8 and max(log) <= 256 and min(uni) >= 8 and max(uni) <= 256
+    assert statistics.median(log) < 0.6 * statistics.median(uni)
+    assert sweep.static_bound(uni, 8) == pytest.approx(1.688, abs=1e-3)
+    assert sweep.static_bound(log, 8) == pytest.approx(2.536, abs=1e-3)
 
 
 def test_mfu_is_model_flops_over_the_matmul_ceiling():
@@ -124,6 +155,10 @@ def test_missing_benchmark_is_reported_not_crashed():
     (["--remeasure", "-1"], "--remeasure must be >= 0"),
     (["--threads", "999"], "--threads must be between 1 and"),
     (["--json", "/no/such/dir/out.json"], "its directory does not exist"),
+    (["--benches", "sweep", "--sweep-new", "9"], "--sweep-new: give MIN,MAX"),
+    (["--benches", "sweep", "--sweep-new", "9,8"], "need 1 <= 9 <= 8"),
+    (["--benches", "sweep", "--sweep-lengths", "zipf"], "--sweep-lengths: unknown zipf"),
+    (["--benches", "sweep", "--sweep-prompts", "4"], "--sweep-prompts 4 must be >= --sweep-batch 8"),
 ])
 def test_bad_input_is_one_line(argv, message, capsys):
     assert cli.main(["bench", *argv]) == 2
