@@ -2,7 +2,10 @@
 server): ``--requests`` streamed completions, at most ``--concurrency`` in flight,
 every one bounded by ``--timeout``. Reports latency p50/p95 (request sent to last byte),
 time to first token p50/p95 (to the first chunk with text), output tokens/s over the
-run (the server's ``usage`` counts), and 429s/errors.
+run (the server's ``usage`` counts), and 429s/errors. ``--system`` puts one shared text
+before every prompt (a system message with ``--chat``), the case prefix reuse is for;
+``outputs_sha256`` hashes every answer's text in request order, so two runs (reuse on
+and off, say) can be checked for identical outputs.
 
     meditron-jax serve --model ckpt/ --slots 8 &
     python -m bench.serve_load --url http://127.0.0.1:8000 --requests 64 --concurrency 16
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -32,6 +36,7 @@ class Result:
     ttft: float | None = None   # seconds to the first chunk carrying text
     tokens: int = 0             # completion tokens (the server's usage)
     error: str = ""
+    text: str = ""               # the answer, streamed chunks joined
 
 
 def one_request(url: str, body: dict, timeout: float, chat: bool) -> Result:
@@ -55,6 +60,7 @@ def one_request(url: str, body: dict, timeout: float, chat: bool) -> Result:
                             else choice.get("text"))
                     if text and result.ttft is None:
                         result.ttft = time.perf_counter() - start
+                    result.text += text or ""
     except urllib.error.HTTPError as exc:
         result.status, result.error = exc.code, exc.read().decode("utf-8", "replace")[:200]
     except (OSError, ValueError) as exc:   # refused, reset, timed out, bad JSON
@@ -74,6 +80,8 @@ def percentile(values: list[float], q: float) -> float | None:
 
 def summarize(results: list[Result], wall: float) -> dict:
     ok = [r for r in results if r.status == 200 and not r.error]
+    texts = json.dumps([r.text if r.status == 200 and not r.error else None
+                        for r in results]).encode()
     lat = [r.latency for r in ok]
     ttft = [r.ttft for r in ok if r.ttft is not None]
     tokens = sum(r.tokens for r in ok)
@@ -84,7 +92,8 @@ def summarize(results: list[Result], wall: float) -> dict:
             "wall_s": wall, "output_tokens": tokens,
             "tokens_per_s": tokens / wall if wall > 0 else None,
             "latency_p50_s": percentile(lat, 0.5), "latency_p95_s": percentile(lat, 0.95),
-            "ttft_p50_s": percentile(ttft, 0.5), "ttft_p95_s": percentile(ttft, 0.95)}
+            "ttft_p50_s": percentile(ttft, 0.5), "ttft_p95_s": percentile(ttft, 0.95),
+            "outputs_sha256": hashlib.sha256(texts).hexdigest()}
 
 
 def server_model(url: str, timeout: float) -> str:
@@ -107,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="one prompt a line, used round robin")
     p.add_argument("--chat", action="store_true",
                    help="send the prompts as user messages to /v1/chat/completions")
+    p.add_argument("--system", default="", metavar="TEXT",
+                   help="a text shared by every request, before its prompt (a system "
+                        "message with --chat)")
     p.add_argument("--timeout", type=float, default=300.0, metavar="S",
                    help="bound on each request, and on reaching the server")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the figures here")
@@ -133,9 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         out = {"model": model, "max_tokens": args.max_tokens, "temperature": args.temperature,
                "stream": True, "stream_options": {"include_usage": True}, "seed": i}
         if args.chat:
-            out["messages"] = [{"role": "user", "content": text}]
+            system = [{"role": "system", "content": args.system}] if args.system else []
+            out["messages"] = system + [{"role": "user", "content": text}]
         else:
-            out["prompt"] = text
+            out["prompt"] = f"{args.system}\n\n{text}" if args.system else text
         return out
 
     start = time.perf_counter()
@@ -145,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         results = [f.result() for f in futures]
     figures = {"url": url, "model": model, "concurrency": args.concurrency,
                "max_tokens": args.max_tokens, "chat": args.chat,
+               "system_chars": len(args.system),
                **summarize(results, time.perf_counter() - start)}
     fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
     print(f"requests={figures['requests']} ok={figures['ok']} 429={figures['rejected_429']} "

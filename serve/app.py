@@ -35,6 +35,9 @@ from serve.protocol import (ApiError, ChatBody, CompletionBody, GenParams, parse
 DISCONNECT_POLL_S = 0.25   # how often a waiting request checks that its client is still there
 
 
+ENGINE_COUNTERS = ("compilations", "prefix_hits", "prefix_tokens_reused")
+
+
 @dataclasses.dataclass
 class EngineApi:
     """The names used from :mod:`infer.batching` (ENGINE_API.md), passed in so tests can
@@ -278,8 +281,10 @@ def create_app(service: Service, *, on_startup=None, on_shutdown=None):
 
     @app.get("/health")
     async def health():
+        engine = service.api.engine   # counters an operator (or a benchmark) reads
         body = {"status": "draining" if service.draining else "ok", "model": service.name,
-                "active_requests": len(service.active)}
+                "active_requests": len(service.active),
+                "engine": {k: getattr(engine, k) for k in ENGINE_COUNTERS if hasattr(engine, k)}}
         return JSONResponse(body, status_code=503 if service.draining else 200)
 
     @app.get("/v1/models")

@@ -292,6 +292,9 @@ def test_models_and_health(served, client):
     assert [m.id for m in client.models.list().data] == ["tiny-chat"]
     r = httpx.get(running.url + "/health", timeout=WAIT)
     assert r.status_code == 200 and r.json()["status"] == "ok"
+    engine = r.json()["engine"]   # the engine's counters (no prefix pool on this server)
+    assert engine["compilations"] == served[2].compilations
+    assert engine["prefix_hits"] == engine["prefix_tokens_reused"] == 0
 
 
 def test_disconnect_mid_stream_frees_the_slot(served, client):
@@ -547,6 +550,37 @@ def test_bench_serve_load_reports_figures(served, tmp_path, capsys):
     assert 0 < fig["ttft_p50_s"] <= fig["latency_p50_s"] <= fig["latency_p95_s"]
     assert "latency p50=" in capsys.readouterr().out
     assert serve_load.main(["--url", "http://127.0.0.1:9", "--timeout", "5"]) == 2
+
+
+def test_a_shared_system_prompt_is_reused_with_the_same_answers(snap, served, tmp_path):
+    """bench/serve_load.py with one system text before every prompt, against this module's
+    server (no prefix reuse) and a second one with reuse on: the same answers (every
+    text, by outputs_sha256), and the second reused the system text's keys (hits and
+    tokens counted in /health)."""
+    from bench import serve_load
+    running, *_ = served
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(p + "\n" for p in SEEDS[:3]))
+    flags = [f for f in SERVE_FLAGS if f != "--no-prefix-cache"]
+    app, _, engine, _ = serve_cli.build(serve_args("--model", snap, *flags))
+    assert engine.prefix is not None
+    reusing = Running(app)
+    try:
+        figures = []
+        for url in (running.url, reusing.url, reusing.url):
+            out = tmp_path / "load.json"
+            assert serve_load.main(["--url", url, "--requests", "8", "--concurrency", "4",
+                                    "--max-tokens", "8", "--prompts", str(prompts),
+                                    "--system", SEEDS[3] + " " + PROMPTS[5],
+                                    "--json", str(out), "--timeout", str(WAIT)]) == 0
+            figures.append(json.loads(out.read_text()))
+        health = httpx.get(reusing.url + "/health", timeout=WAIT).json()["engine"]
+    finally:
+        reusing.close()
+    assert all(f["ok"] == 8 for f in figures) and figures[0]["system_chars"] > 100
+    assert len({f["outputs_sha256"] for f in figures}) == 1
+    # the first load's first call of 4 rows finds nothing; every later request hits
+    assert health["prefix_hits"] >= 12 and health["prefix_tokens_reused"] >= 12 * 48
 
 
 def test_quantize_int8_serves_int8_weights(snap, served):
