@@ -32,14 +32,23 @@ def data_dir() -> str:
     return os.path.join(os.path.dirname(meditron_jax.__file__), "data")
 
 
-def prepare(workdir: str, preset: str, vocab: int) -> str:
-    """The random model's snapshot with a tokenizer (built once, then reused)."""
+def prepare(workdir: str, preset: str, vocab: int, *, model_vocab: bool = False) -> str:
+    """The random model's snapshot with a tokenizer (built once, then reused).
+    ``model_vocab``: the model's vocabulary shrunk to the tokenizer's, so that every id it
+    generates decodes to text (scoring does not need it)."""
+    import dataclasses
+
     from bench.hf_side import load_or_build
     from bench.presets import bench_preset
-    model_dir = os.path.join(workdir, f"model_{preset}")
+    p = bench_preset(preset)
+    name = f"model_{preset}"
+    if model_vocab:
+        p = dataclasses.replace(p, cfg=dataclasses.replace(p.cfg, vocab_size=vocab))
+        name += f"_vocab{vocab}"
+    model_dir = os.path.join(workdir, name)
     if not os.path.exists(os.path.join(model_dir, "tokenizer.json")):
         os.makedirs(model_dir, exist_ok=True)
-        load_or_build(bench_preset(preset), 0, model_dir)
+        load_or_build(p, 0, model_dir)
         train_tokenizer(vocab).save(os.path.join(model_dir, "tokenizer.json"))
     return model_dir
 

@@ -93,7 +93,8 @@ def summarize(results: list[Result], wall: float) -> dict:
             "tokens_per_s": tokens / wall if wall > 0 else None,
             "latency_p50_s": percentile(lat, 0.5), "latency_p95_s": percentile(lat, 0.95),
             "ttft_p50_s": percentile(ttft, 0.5), "ttft_p95_s": percentile(ttft, 0.95),
-            "outputs_sha256": hashlib.sha256(texts).hexdigest()}
+            "outputs_sha256": hashlib.sha256(texts).hexdigest(),
+            "empty_answers": sum(not r.text for r in ok)}
 
 
 def server_model(url: str, timeout: float) -> str:

@@ -1,7 +1,8 @@
 """``python -m bench.serve_prefix``: prefix reuse in the server, measured with and without.
 
 A random benchmark model (``--preset small``: transformers' init with a byte-level BPE
-trained on the bundled texts, as ``bench/prefix_eval.py`` builds it) is served twice by
+trained on the bundled texts, as ``bench/prefix_eval.py`` builds it, its vocabulary cut
+to the tokenizer's so that every generated id is text) is served twice by
 ``meditron-jax serve`` (a fresh process each, warmed up before it listens), once with
 ``--no-prefix-cache`` and once with reuse on, and each time driven by
 ``bench/serve_load.py`` with the same load: ``--requests`` greedy streamed completions,
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--requests, --concurrency, --max-tokens and --system-chars must be >= 1")
     os.makedirs(args.workdir, exist_ok=True)
     from tokenizers import Tokenizer
-    model_dir = prefix_eval.prepare(args.workdir, args.preset, args.vocab)
+    model_dir = prefix_eval.prepare(args.workdir, args.preset, args.vocab, model_vocab=True)
     system = system_text(args.system_chars)
     tok = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
     result = {"preset": args.preset, "requests": args.requests,
