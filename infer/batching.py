@@ -5,11 +5,11 @@ data-parallel size, filler rows dropped), or all ``B`` slots' worth in one call 
 than half the slots wait to be filled (a sweep's start, several rows ending in one
 step): a prefill reads every weight once per call, so on an accelerator a [B, T]
 prefill costs about what a [1, T] one does, and on a CPU it still runs its matmuls at
-B x T rows. The
-prompts are bucketed to a power of two (:func:`~infer.runner.bucket_length`) and run into
-a small cache that is then written into their slots' rows of the running batch, with
-each row's settings (budget, stop ids, sampling, seed); the other rows' state is
-untouched. Each row's first token is sampled there.
+B x T rows. The prompts are bucketed to a power of two
+(:func:`~infer.runner.bucket_length`) and run into a small cache that is then written
+into their slots' rows of the running batch, with each row's settings (budget, stop ids,
+sampling, seed); the other rows' state is untouched. Each row's first token is sampled
+there.
 
 Decode. :func:`~infer.slot_step.decode` runs up to ``chunk`` steps in a
 ``lax.while_loop`` and returns early once a row finishes, so the host can refill that

@@ -40,7 +40,7 @@ ENGINE_COUNTERS = ("compilations", "prefix_hits", "prefix_tokens_reused")
 
 @dataclasses.dataclass
 class EngineApi:
-    """The names used from :mod:`infer.batching` (ENGINE_API.md), passed in so tests can
+    """The names used from :mod:`infer.batching`, passed in so that tests can
     drive the HTTP layer with a stand-in engine."""
     engine: Any
     request_cls: Callable     # EngineRequest
