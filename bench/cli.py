@@ -117,23 +117,29 @@ def _check(args) -> tuple[list[str], list[str]]:
 def _worker(kind: str, out_dir: str, args, timeout: float, **opts) -> dict:
     """A one-shot worker (ceilings, plan): run it, read its ``--out`` file."""
     out = os.path.join(out_dir, f"{kind}-{opts.get('preset', 'machine')}.json")
-    if os.path.exists(out):
-        os.remove(out)  # never read a previous run's result
     cmd = [sys.executable, "-m", "bench.worker", kind, "--threads", str(args.threads),
            "--repeats", str(args.repeats), "--seed", str(args.seed), "--out", out]
     for key, value in opts.items():
         cmd += [f"--{key}", str(value)]
     print(f"bench: {kind}", file=sys.stderr, flush=True)
+    return _run_for_json(f"the {kind} worker", cmd, out, timeout)
+
+
+def _run_for_json(what: str, cmd: list[str], out: str, timeout: float) -> dict:
+    """Run ``cmd``, which writes ``out``, and read it; WorkerFailed (its last output
+    printed) on a timeout, a failure or no file. A previous run's file is removed first."""
+    if os.path.exists(out):
+        os.remove(out)  # never read a previous run's result
     try:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise WorkerFailed(f"the {kind} worker ran past --worker-timeout={timeout:g}s; "
+        raise WorkerFailed(f"{what} ran past --worker-timeout={timeout:g}s; "
                            "try fewer --repeats or a smaller preset") from None
     if proc.returncode != 0 or not os.path.exists(out):
         tail = "\n".join(proc.stdout.strip().splitlines()[-15:])
         print(tail, file=sys.stderr)
-        raise WorkerFailed(f"the {kind} worker failed (exit {proc.returncode}); its last "
+        raise WorkerFailed(f"{what} failed (exit {proc.returncode}); its last "
                            "output is printed above")
     with open(out, encoding="utf-8") as f:
         return json.load(f)
@@ -208,18 +214,12 @@ def _sweeps(name: str, args, workdir: str) -> dict:
                "--seed", str(args.seed), "--json", path]
         print(f"bench: {name} {SWEEP} ({dist} lengths)", file=sys.stderr, flush=True)
         try:
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True, timeout=args.worker_timeout)
-            failed = proc.returncode != 0 or not os.path.exists(path)
-            why = f"exit {proc.returncode}: " + " | ".join(proc.stdout.strip().splitlines()[-3:])
-        except subprocess.TimeoutExpired:
-            failed, why = True, f"ran past --worker-timeout={args.worker_timeout:g}s"
-        if failed:
-            print(f"bench: {name} {SWEEP} ({dist}) failed: {why}", file=sys.stderr)
-            out[f"{SWEEP}-{dist}"] = {"missing": why}
+            raw = _run_for_json(f"the {name} {SWEEP} ({dist})", cmd, path, args.worker_timeout)
+        except WorkerFailed as exc:
+            print(f"bench: {exc}", file=sys.stderr)
+            out[f"{SWEEP}-{dist}"] = {"missing": str(exc)}
             continue
-        with open(path, encoding="utf-8") as f:
-            out[f"{SWEEP}-{dist}"] = report.sweep_entry(json.load(f))
+        out[f"{SWEEP}-{dist}"] = report.sweep_entry(raw)
     return out
 
 
