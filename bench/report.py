@@ -246,10 +246,12 @@ def _sweep_row(name: str, bench: str, e: dict) -> str:
              if "continuous_vs_transformers" in e else "")
     vs_static = (f"{e['continuous_vs_static']:.2f}x static ({SWEEP_TARGET:g}x){vs_hf}"
                  if "continuous_vs_static" in e else "-")
+    bound = f"batching's bound {e['bound']:.2f}x" + (
+        f"; decode alone {e['decode_vs_static']:.2f}x" if "decode_vs_static" in e else "")
     load = e.get("loadavg") or [[float("nan")], [float("nan")]]
     compiles = e.get("continuous", {}).get("compiles_after_warmup", "-")
     return (f"| {name} | {bench} ({e['prompts']} prompts, batch {e['batch']}) | {tps('continuous')} "
-            f"| {tps('transformers')} | {vs_static} | batching's bound {e['bound']:.2f}x | - | - "
+            f"| {tps('transformers')} | {vs_static} | {bound} | - | - "
             f"| - | {compiles} | load avg {load[0][0]:.1f} -> {load[1][0]:.1f} "
             f"| {e['verdict']} |")
 

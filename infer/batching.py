@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import itertools
 import threading
+import time
 from typing import Callable, Sequence
 
 import jax
@@ -178,6 +179,9 @@ class ContinuousEngine:
         self.seed, self.chunk, self.queue_size = int(seed), int(chunk), int(queue_size)
         self.compilations = 0
         self.prefill_calls: collections.Counter[int] = collections.Counter()   # by rows
+        # wall seconds in admissions ("prefill": their prompts, until the first tokens are
+        # on the host) and in decode calls with their delivery ("decode")
+        self.seconds: collections.Counter[str] = collections.Counter(prefill=0.0, decode=0.0)
         _install_listener()
         placement = self.runner.placement
         # prefill rows per call: the smallest batch the mesh's data axes divide, and every
@@ -431,14 +435,18 @@ class ContinuousEngine:
 
     # ---- one round: admit, decode a chunk, deliver ---------------------------------------
     def _step(self) -> None:
+        clock = time.perf_counter()
         if self._admit() or any(s.handle._cancel for s in self._active.values()):
             self._collect()     # first tokens out now (time to first token), cancels freed
+        now = time.perf_counter()
+        self.seconds["prefill"] += now - clock
         if not self._active:
             return
         lp = self._wants_logprobs()
         self._state = self._decode_fn(lp)(self.runner.params, self._state,
                                           self._put_scalar(self.chunk))
         self._collect()
+        self.seconds["decode"] += time.perf_counter() - now
 
     def _wants_logprobs(self) -> bool:
         return any(s.handle.request.logprobs is not None for s in self._active.values())

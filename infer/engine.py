@@ -17,8 +17,10 @@ pytree value, donated at every call.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import time
 from typing import Callable, Sequence
 
 import jax
@@ -265,7 +267,14 @@ TokenCallback = Callable[[int, list[int]], None]
 
 
 class Generator(BatchRunner):
-    """Generate for lists of token-id prompts (see :meth:`generate`)."""
+    """Generate for lists of token-id prompts (see :meth:`generate`). ``seconds``: wall
+    time spent so far in ``"prefill"`` (a batch's prompts, until its first tokens are on
+    the host) and ``"decode"`` (the rest of each batch), as the continuous engine counts
+    them."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seconds: collections.Counter[str] = collections.Counter(prefill=0.0, decode=0.0)
 
     def prefill_fn(self, max_len: int, sampling: Sampling):
         return self.jitted("prefill", max_len, sampling, build=lambda: build_prefill(
@@ -318,6 +327,7 @@ class Generator(BatchRunner):
                         on_tokens) -> list[Completion]:
         limit = self.cfg.max_position_embeddings
         b, n = self.batch_size, len(prompts)
+        clock, phase = time.perf_counter(), "prefill"
         p = bucket_length(max(len(x) for x in prompts), cap=limit - max_new)
         s = cache_length(p + max_new, cap=limit)
         tokens = np.full((b, p), PAD_ID, np.int32)
@@ -344,6 +354,9 @@ class Generator(BatchRunner):
         while True:
             generated, buffer = to_host(state.generated), to_host(state.tokens)
             finish = to_host(state.finish).copy()
+            now = time.perf_counter()
+            self.seconds[phase] += now - clock
+            clock, phase = now, "decode"
             ended_by_string = False
             for r in range(n):
                 if r in done:
@@ -365,6 +378,7 @@ class Generator(BatchRunner):
                 if reason != RUNNING:
                     done[r] = self._completion(ids[:end], reason, text)
             if len(done) == n:
+                self.seconds["decode"] += time.perf_counter() - clock
                 return [done[r] for r in range(n)]
             if ended_by_string:  # take those rows out of the device loop too
                 state = dataclasses.replace(state, finish=put(finish, ("batch",)))

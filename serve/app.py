@@ -35,7 +35,7 @@ from serve.protocol import (ApiError, ChatBody, CompletionBody, GenParams, parse
 DISCONNECT_POLL_S = 0.25   # how often a waiting request checks that its client is still there
 
 
-ENGINE_COUNTERS = ("compilations", "prefix_hits", "prefix_tokens_reused")
+ENGINE_COUNTERS = ("compilations", "prefix_hits", "prefix_tokens_reused", "seconds")
 
 
 @dataclasses.dataclass

@@ -6,6 +6,7 @@ transformers' logits; bad requests."""
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -73,10 +74,14 @@ def test_greedy_equals_transformers_with_refills_and_no_compiles_after_warmup(en
                                                                               hf_greedy):
     assert engine.compilations > 0                     # the warm-up compiled and counted
     before, calls = engine.compilations, engine.prefill_calls.copy()
+    split, t0 = engine.seconds.copy(), time.perf_counter()
     got = engine.generate(_requests())
+    wall = time.perf_counter() - t0
     _check_against(got, hf_greedy, NEW)
     # both slots free at the start: one call of 2 rows; then rows end one at a time
     assert engine.prefill_calls - calls == {2: 1, 1: 3}
+    spent = {k: engine.seconds[k] - split[k] for k in ("prefill", "decode")}
+    assert 0 < spent["prefill"] and 0 < spent["decode"] and sum(spent.values()) <= wall
     again = engine.generate(list(reversed(_requests())))   # other slots, other neighbours
     assert [c.ids for c in reversed(again)] == [c.ids for c in got]
     assert engine.compilations == before
@@ -98,8 +103,12 @@ def test_sampled_rows_equal_the_static_generators(model, engine):
     reproduce infer.sampling.sample; a row's key does not depend on its slot."""
     s = Sampling(temperature=0.9, top_k=40, top_p=0.9)
     prompts, seeds = SHORT, [11, 12, 13, 14]
-    want = Generator(model, batch_size=2).generate(prompts, max_new_tokens=12, sampling=s,
-                                                   seed=3, row_seeds=seeds)
+    static = Generator(model, batch_size=2)
+    t0 = time.perf_counter()
+    want = static.generate(prompts, max_new_tokens=12, sampling=s, seed=3, row_seeds=seeds)
+    wall = time.perf_counter() - t0
+    assert 0 < static.seconds["prefill"] and 0 < static.seconds["decode"]
+    assert sum(static.seconds.values()) <= wall        # prefill, then decode, per batch
     eng = ContinuousEngine(model, slots=2, max_len=MAX_LEN, seed=3)
     got = eng.generate([EngineRequest(p, 12, sampling=s, seed=r)
                         for p, r in zip(prompts, seeds)])

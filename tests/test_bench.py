@@ -89,6 +89,12 @@ def test_sweep_row_compares_three_sides_on_one_workload(tiny_run):
     assert e["continuous"]["compiles_after_warmup"] == 0
     assert e["static"]["compiles_after_warmup"] == 0
     assert sum(int(k) * v for k, v in e["continuous"]["prefill_calls"].items()) >= 6
+    for side in ("continuous", "static"):      # the engines' own prefill / decode split
+        r = e[side]
+        assert 0 < r["prefill_seconds"] and 0 < r["decode_seconds"]
+        assert r["prefill_seconds"] + r["decode_seconds"] <= r["seconds"]
+    assert e["decode_vs_static"] == pytest.approx(
+        e["static"]["decode_seconds"] / e["continuous"]["decode_seconds"])
     assert e["verdict"] == ("met" if e["continuous_vs_static"] >= 2 else "not met")
 
 

@@ -295,6 +295,8 @@ def test_models_and_health(served, client):
     engine = r.json()["engine"]   # the engine's counters (no prefix pool on this server)
     assert engine["compilations"] == served[2].compilations
     assert engine["prefix_hits"] == engine["prefix_tokens_reused"] == 0
+    assert engine["seconds"] == dict(served[2].seconds)   # prefill / decode wall seconds
+    assert set(engine["seconds"]) == {"prefill", "decode"}
 
 
 def test_disconnect_mid_stream_frees_the_slot(served, client):
