@@ -27,10 +27,11 @@ demo: $(STAMP)
 
 # pytest exits 5 when it collects no tests: treat that as a failure, like any other.
 # Two workers, whole files each (module fixtures compile once): most of the suite is XLA
-# compilation, single-threaded, so two cores run two files at once.
+# compilation, single-threaded, so two cores run two files at once. Files go out in
+# collection order, which tests/conftest.py sets to the heaviest first.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	@$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --durations=15 tests; rc=$$?; \
+	@$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15 tests; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 bench: $(STAMP)

@@ -16,3 +16,22 @@ from tests import hf_fixtures  # noqa: E402
 def tiny_hf_dir(tmp_path_factory):
     """A random tiny Llama-3.1-architecture HF snapshot (single safetensors file)."""
     return hf_fixtures.make_hf_snapshot(tmp_path_factory.mktemp("tiny_hf"))
+
+
+# ---- scheduling: the heaviest files first ------------------------------------------------
+# `make test` gives each of two xdist workers one file at a time, in collection order
+# (`--dist loadfile --no-loadscope-reorder`). A file that starts last finishes last, so the
+# files that take longest (seconds in a fresh-clone run, set-up included) start first and
+# the short ones fill in around them, as longest-first scheduling does; by default xdist
+# orders files by their number of tests, which put the 3-minute kill-and-resume test last.
+HEAVIEST_FIRST = (
+    "test_train_kill.py", "test_bench.py", "test_demo.py", "test_plan_tpu.py",
+    "test_multihost_train.py", "test_quant_accuracy.py", "test_quant.py", "test_sweep.py",
+    "test_multihost_sweep.py", "test_golden_real.py", "test_train_loop.py",
+    "test_train_resume.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(HEAVIEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: file order kept
