@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -26,8 +27,9 @@ REQUESTS = [
 
 
 def compiled() -> int:
-    """Executables compiled so far by every runner in this process."""
-    return sum(fn._cache_size() for fn in runner._JITTED.values())
+    """Executables compiled so far by every runner in this process (an entry may be a
+    tuple of jitted functions: grouped scoring's prefix pair)."""
+    return sum(fn._cache_size() for fn in jax.tree.leaves(list(runner._JITTED.values())))
 
 
 @pytest.fixture(scope="module")
