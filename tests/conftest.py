@@ -23,7 +23,8 @@ def tiny_hf_dir(tmp_path_factory):
 # (`--dist loadfile --no-loadscope-reorder`). A file that starts last finishes last, so the
 # files that take longest (seconds in a fresh-clone run, set-up included) start first and
 # the short ones fill in around them, as longest-first scheduling does; by default xdist
-# orders files by their number of tests, which put the 3-minute kill-and-resume test last.
+# orders files by their number of tests, which put the 3-4 minute kill-and-resume file
+# (3 tests) and the demo (1 test) near the end.
 HEAVIEST_FIRST = (
     "test_train_kill.py", "test_bench.py", "test_demo.py", "test_plan_tpu.py",
     "test_multihost_train.py", "test_quant_accuracy.py", "test_quant.py", "test_sweep.py",
